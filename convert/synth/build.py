@@ -1,0 +1,89 @@
+"""Build a synthetic MiniCPM-V 4.6 checkpoint: the real architecture, weights from a seed.
+
+The folder is what `save_pretrained` writes for the real model (config, safetensors, tokenizer,
+processor files), so every tool that reads a real checkpoint reads this one the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ConvertError
+from ..spec import ModelSpec
+from .presets import PRESETS, preset_config
+from .tokenizer import write_processor_files, write_tokenizer
+
+DEFAULT_SEED = 0
+# Where the embedded default model is built on first use.
+CACHE_DIR = Path(os.environ.get("MINICPMV_EDGE_CACHE", Path.home() / ".cache" / "minicpmv-edge"))
+
+
+def build_synthetic(preset: str, out: Path, *, seed: int = DEFAULT_SEED, report: bool = True,
+                    quiet: bool = False) -> dict | None:
+    """Write the checkpoint into `out` (atomically) and return the behaviour report."""
+    import torch
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+    from .weights import init_weights
+
+    if preset not in PRESETS:
+        raise ConvertError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        padded = 248094 if p.padded_vocab else None
+        special = write_tokenizer(tmp, bpe_vocab_size=p.bpe_vocab_size, padded_vocab_size=padded)
+        vocab_size = padded or (max(special.values()) + 1)
+        cfg_dict = preset_config(p, special, vocab_size)
+        spec = ModelSpec.from_config(cfg_dict)
+        write_processor_files(tmp, scale_resolution=448, patch_size=spec.vision.patch_size,
+                              downsample_mode=spec.downsample_mode)
+        config = MiniCPMV4_6Config(**{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type")})
+        config.architectures = cfg_dict["architectures"]
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = MiniCPMV4_6ForConditionalGeneration(config).eval()
+        init_weights(model, spec, seed=seed, quiet=quiet)
+        rep = None
+        if report:
+            from .behaviour import behaviour_report
+
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(tmp)
+            rep = behaviour_report(model, tok, spec, quiet=quiet)
+        dtype = getattr(torch, p.dtype)
+        model.to(dtype)
+        kw = {"max_shard_size": p.max_shard_size} if p.max_shard_size else {}
+        model.save_pretrained(tmp, **kw)
+        _normalise_config(tmp / "config.json", cfg_dict)
+        if rep is not None:
+            (tmp / "synth_report.json").write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return rep
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _normalise_config(path: Path, cfg: dict) -> None:
+    """save_pretrained writes every default; keep what it wrote but pin our ids and dtype."""
+    saved = json.loads(path.read_text())
+    saved["torch_dtype"] = cfg["torch_dtype"]
+    saved.pop("transformers_version", None)  # keep bytes stable across patch releases
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def default_model(quiet: bool = False) -> Path:
+    """The embedded default (tiny preset, seed 0), built into the cache on first use."""
+    out = CACHE_DIR / f"synth-tiny-seed{DEFAULT_SEED}"
+    if not (out / "config.json").is_file():
+        build_synthetic("tiny", out, seed=DEFAULT_SEED, report=False, quiet=True)
+    return out

@@ -1,0 +1,51 @@
+"""Encoding float32 arrays into ggml tensor types, byte for byte as llama.cpp does.
+
+F32/F16/BF16 and the legacy block types come from gguf-py's numpy quantizers, which match
+ggml's reference C code (numpy's float32->float16 cast is round-to-nearest-even, as ggml's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import quants as _q
+
+FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
+# Types this module can write (k-quants join when quantize/kquants lands).
+SUPPORTED = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+
+
+def block_size(qtype: T) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def fits(qtype: T, row: int) -> bool:
+    """Whether rows of this length can be stored in qtype (a whole number of blocks)."""
+    return row % block_size(qtype) == 0
+
+
+def nbytes(qtype: T, shape: tuple[int, ...]) -> int:
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // bs * ts
+
+
+def encode(a: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 array -> its stored form (float32/float16 arrays, or raw bytes as uint8)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if qtype == T.F32:
+        return a
+    if qtype == T.F16:
+        return a.astype(np.float16)
+    if qtype not in SUPPORTED:
+        raise ValueError(f"ggml type {qtype.name} is not supported for writing")
+    return _q.quantize(a, qtype)
+
+
+def decode(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
+    """Stored form -> float32 array of `shape` (numpy order)."""
+    if qtype == T.F32:
+        return np.asarray(data, dtype=np.float32).reshape(shape)
+    if qtype == T.F16:
+        return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
+    return _q.dequantize(np.asarray(data).view(np.uint8), qtype).reshape(shape).astype(np.float32)
