@@ -1,0 +1,68 @@
+"""Shared fixtures: synthetic checkpoints and their GGUF exports, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _build(tmp_path_factory, preset: str, seed: int = 0) -> Path:
+    from convert.synth.build import build_synthetic
+
+    out = tmp_path_factory.mktemp(f"synth-{preset}") / "model"
+    build_synthetic(preset, out, seed=seed, report=False, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_alt_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "tiny-alt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_dir):
+    from convert import Checkpoint
+
+    return Checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_ckpt):
+    """quant -> (decoder path, {mode: mmproj path}) for the tiny model, exported on demand."""
+    from convert.gguf.export import export_gguf
+
+    cache: dict[str, tuple[Path, dict[str, Path]]] = {}
+    root = tmp_path_factory.mktemp("gguf")
+
+    def get(quant: str) -> tuple[Path, dict[str, Path]]:
+        if quant not in cache:
+            paths = export_gguf(tiny_ckpt, root / quant, quant=quant, mode="both", quiet=True)
+            dec = paths[0]
+            mm = {("4x" if p.name.endswith("-4x.gguf") else "16x"): p for p in paths[1:]}
+            cache[quant] = (dec, mm)
+        return cache[quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_ckpt):
+    from runtimes.reference import ReferenceRuntime
+
+    return ReferenceRuntime(tiny_ckpt)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
