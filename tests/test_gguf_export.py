@@ -190,3 +190,17 @@ def test_plain_save_pretrained_fp32_folder(tmp_path, tiny_dir):
 
     dd = diff(paths[0], ref[0], ignore_keys=("general.name",))
     assert not dd.tensors_bytes_differ and not dd.tensors_only_a and not dd.tensors_only_b
+
+
+def test_main_command_uses_embedded_default(tmp_path):
+    """`python -m convert gguf` with no --model builds the tiny synthetic model and says so."""
+    import os
+
+    env = {**os.environ, "MINICPMV_EDGE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "convert", "gguf", "--quiet"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "embedded default" in r.stdout and "tiny synthetic" in r.stdout
+    out = tmp_path / "out" / "MiniCPM-V-4.6-synth-tiny-seed0"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MiniCPM-V-4.6-F16.gguf", "manifest.json", "mmproj-MiniCPM-V-4.6-F16.gguf"]

@@ -6,6 +6,7 @@ processor files), so every tool that reads a real checkpoint reads this one the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,7 @@ def build_synthetic(preset: str, out: Path, *, seed: int = DEFAULT_SEED, report:
         _normalise_config(tmp / "config.json", cfg_dict)
         if rep is not None:
             (tmp / "synth_report.json").write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is not
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -81,9 +83,22 @@ def _normalise_config(path: Path, cfg: dict) -> None:
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
+def builder_fingerprint() -> str:
+    """A hash of everything that decides a synthetic checkpoint's bytes (this package's files)."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for p in sorted(here.iterdir()):
+        if p.suffix in (".py", ".txt", ".jinja"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def default_model(quiet: bool = False) -> Path:
-    """The embedded default (tiny preset, seed 0), built into the cache on first use."""
-    out = CACHE_DIR / f"synth-tiny-seed{DEFAULT_SEED}"
+    """The embedded default (tiny preset, seed 0), built into the cache on first use.
+
+    The folder name carries the builder's fingerprint, so a changed builder never serves a stale model.
+    """
+    out = CACHE_DIR / "synth" / builder_fingerprint() / f"MiniCPM-V-4.6-synth-tiny-seed{DEFAULT_SEED}"
     if not (out / "config.json").is_file():
         build_synthetic("tiny", out, seed=DEFAULT_SEED, report=False, quiet=True)
     return out
