@@ -7,6 +7,7 @@ Tensors come from safetensors through mmap, one at a time, single-file or sharde
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ class Checkpoint:
             raise ConvertError(f"{cfg}: unreadable config.json ({e})") from None
         self.spec = ModelSpec.from_config(self.config)
         self._infos = self._index()
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @property
     def name(self) -> str:
@@ -151,22 +152,42 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
-    def raw(self, name: str) -> np.ndarray:
-        """A read-only mmap view of the stored data (bf16 as uint16)."""
-        ti = self._infos[name]
-        mm = self._maps.get(ti.file)
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
         if mm is None:
-            mm = self._maps[ti.file] = np.memmap(ti.file, dtype=np.uint8, mode="r")
-        buf = mm[ti.offset:ti.offset + ti.nbytes]
-        return buf.view(_DTYPES[ti.dtype]).reshape(ti.shape)
+            with open(file, "rb") as f:
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm
 
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a fresh array; the mmap stays untouched)."""
+    def raw(self, name: str) -> np.ndarray:
+        """A read-only view of the stored data on the file's mmap (bf16 as uint16)."""
+        ti = self._infos[name]
+        dt = np.dtype(_DTYPES[ti.dtype])
+        a = np.frombuffer(self._map(ti.file), dtype=dt, count=ti.nbytes // dt.itemsize, offset=ti.offset)
+        return a.reshape(ti.shape)
+
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or a range of its rows) as a fresh float32 array; the pages read are released."""
         ti = self._infos[name]
         a = self.raw(name)
-        if ti.dtype == "BF16":
-            return (a.astype(np.uint32) << 16).view(np.float32)
-        return a.astype(np.float32)
+        if rows is not None:
+            a = a[rows]
+        out = (a.astype(np.uint32) << 16).view(np.float32) if ti.dtype == "BF16" else a.astype(np.float32)
+        self.release(name)
+        return out
+
+    def release(self, name: str) -> None:
+        """Drop this tensor's file pages from the process (they stay in the page cache), so peak
+        memory stays near the largest chunk in flight rather than the checkpoint's size."""
+        ti = self._infos[name]
+        mm = self._maps.get(ti.file)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = ti.offset - ti.offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, ti.offset + ti.nbytes - start)
+        except (OSError, ValueError):
+            pass
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for n in self._infos:

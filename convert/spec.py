@@ -161,6 +161,10 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
     if rope_type != "default":
         raise ConvertError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
     mrope = tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)
+    head_dim = int(tc.get("head_dim") or int(_get(tc, "hidden_size", "text_config")) // int(_get(tc, "num_attention_heads", "text_config")))
+    if sum(mrope) > head_dim:
+        # llama.cpp aborts the process (not an error) on such a file
+        raise ConvertError(f"config.json: rope mrope_section {list(mrope)} sums to more than head_dim {head_dim}")
     hidden = int(_get(tc, "hidden_size", "text_config"))
     n_heads = int(_get(tc, "num_attention_heads", "text_config"))
     k_heads = int(_get(tc, "linear_num_key_heads", "text_config"))
@@ -187,7 +191,7 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
         full_attention_interval=interval,
         num_heads=n_heads,
         num_kv_heads=int(tc.get("num_key_value_heads") or n_heads),
-        head_dim=int(tc.get("head_dim") or hidden // n_heads),
+        head_dim=head_dim,
         attn_output_gate=True,
         conv_kernel=int(_get(tc, "linear_conv_kernel_dim", "text_config")),
         linear_key_head_dim=kdim,

@@ -130,15 +130,15 @@ def test_missing_and_unknown_tensors(tmp_path, tiny_dir):
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_ckpt, monkeypatch):
     calls = {"n": 0}
-    real = writer.source_tensor
+    real = writer.source_chunks
 
     def flaky(*a, **k):
         calls["n"] += 1
         if calls["n"] == 10:
             raise OSError(28, "No space left on device")
-        return real(*a, **k)
+        yield from real(*a, **k)
 
-    monkeypatch.setattr(writer, "source_tensor", flaky)
+    monkeypatch.setattr(writer, "source_chunks", flaky)
     out = tmp_path / "out"
     with pytest.raises(ConvertError, match="disk full"):
         export_gguf(tiny_ckpt, out, quiet=True)

@@ -46,3 +46,10 @@ def test_rejects_what_it_cannot_convert(edit, message):
     with pytest.raises(ConvertError) as e:
         ModelSpec.from_config(cfg)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rejects_mrope_sections_llamacpp_would_abort_on():
+    cfg = copy.deepcopy(REAL_CONFIG)
+    cfg["text_config"]["head_dim"] = 16  # the default sections [11, 11, 10] need head_dim >= 32
+    with pytest.raises(ConvertError, match="mrope_section"):
+        ModelSpec.from_config(cfg)

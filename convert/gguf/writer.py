@@ -23,13 +23,33 @@ from . import transforms
 from .plan import TensorPlan
 
 
+# Tensors without transforms are read, encoded and written this many float32 bytes at a time
+# (whole rows), so the largest tensor (the 248k-row embedding) never sits in memory at once.
+CHUNK_BYTES = 64 << 20
+
+
+def source_chunks(ckpt: Checkpoint, p: TensorPlan, allow_nonfinite: bool = False):
+    """The float32 data of one planned tensor after its transforms, in row chunks, checked for NaN/Inf."""
+    row_bytes = 4 * int(np.prod(p.shape[1:], dtype=np.int64)) if len(p.shape) > 1 else 4 * p.n_params
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    if p.transforms or len(p.shape) < 2 or p.shape[0] <= step:
+        yield _checked(p, transforms.apply(p.transforms, ckpt.tensor(p.source), ckpt.spec), allow_nonfinite)
+        return
+    for r in range(0, p.shape[0], step):
+        yield _checked(p, ckpt.tensor(p.source, slice(r, r + step)), allow_nonfinite)
+
+
 def source_tensor(ckpt: Checkpoint, p: TensorPlan, allow_nonfinite: bool = False) -> np.ndarray:
-    """The float32 data of one planned tensor after its transforms, checked for NaN/Inf."""
-    a = ckpt.tensor(p.source)
+    """The whole float32 tensor after its transforms (for checks and validation)."""
+    chunks = list(source_chunks(ckpt, p, allow_nonfinite))
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+
+
+def _checked(p: TensorPlan, a: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
     if not allow_nonfinite and not np.isfinite(a).all():
         bad = int(a.size - np.isfinite(a).sum())
         raise ConvertError(f"tensor {p.source} has {bad} NaN/Inf value(s); refusing (use --allow-nonfinite to write anyway)")
-    return transforms.apply(p.transforms, a, ckpt.spec)
+    return a
 
 
 def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
@@ -45,13 +65,20 @@ def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        bar = tqdm(plans, desc=desc or path.name, unit="tensor", disable=quiet, leave=False)
-        for p in bar:
-            data = encode(source_tensor(ckpt, p, allow_nonfinite), p.qtype)
-            raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-            if raw.nbytes != p.nbytes:
-                raise ConvertError(f"internal: {p.name} encoded to {raw.nbytes} bytes, planned {p.nbytes}")
-            w.write_tensor_data(raw)
+        fout = w.fout[0]
+        total = sum(p.nbytes for p in plans)
+        with tqdm(total=total, desc=desc or path.name, unit="B", unit_scale=True, disable=quiet, leave=False) as bar:
+            for p in plans:
+                w.write_padding(fout, fout.tell())  # align the tensor's start, as GGUFWriter does
+                written = 0
+                for chunk in source_chunks(ckpt, p, allow_nonfinite):
+                    raw = np.ascontiguousarray(encode(chunk, p.qtype)).view(np.uint8).reshape(-1)
+                    fout.write(raw.data)
+                    written += raw.nbytes
+                    bar.update(raw.nbytes)
+                if written != p.nbytes:
+                    raise ConvertError(f"internal: {p.name} encoded to {written} bytes, planned {p.nbytes}")
+                w.write_padding(fout, p.nbytes)
         w.close()
         os.replace(tmp, path)
     except OSError as e:
