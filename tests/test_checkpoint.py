@@ -77,3 +77,18 @@ def test_no_weights(tmp_path, tiny_dir):
     shutil.copy(tiny_dir / "config.json", d)
     with pytest.raises(ConvertError, match="no \\*.safetensors"):
         Checkpoint(d)
+
+
+def test_hub_id_from_local_cache(tmp_path, monkeypatch, tiny_dir):
+    """A hub id already in the local HF cache (hub layout: refs/main -> snapshots/<commit>) opens offline."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--openbmb--MiniCPM-V-4_6"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    c = Checkpoint("openbmb/MiniCPM-V-4_6")
+    assert c.path == repo / "snapshots" / commit and c.spec == Checkpoint(tiny_dir).spec
