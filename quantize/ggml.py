@@ -1,7 +1,8 @@
 """Encoding float32 arrays into ggml tensor types, byte for byte as llama.cpp does.
 
-F32/F16/BF16 and the legacy block types come from gguf-py's numpy quantizers, which match
-ggml's reference C code (numpy's float32->float16 cast is round-to-nearest-even, as ggml's).
+F32/F16/BF16 come from numpy / gguf-py (numpy's float32->float16 cast is round-to-nearest-even,
+as ggml's). The block types (Q8_0, Q4_0..Q5_1, Q2_K..Q6_K) go through quantize.kquants, a numpy port
+of ggml_quantize_chunk that writes the same bytes, with or without an importance matrix.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as _q
 
+from . import kquants as _kq
+
 FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
-# Types this module can write (k-quants join when quantize/kquants lands).
-SUPPORTED = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+# Types this module can write.
+SUPPORTED = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+             T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
 
 def block_size(qtype: T) -> int:
@@ -30,8 +34,13 @@ def nbytes(qtype: T, shape: tuple[int, ...]) -> int:
     return n // bs * ts
 
 
-def encode(a: np.ndarray, qtype: T) -> np.ndarray:
-    """float32 array -> its stored form (float32/float16 arrays, or raw bytes as uint8)."""
+def encode(a: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 array -> its stored form (float32/float16 arrays, or raw bytes as uint8).
+
+    Block types quantize along the last axis (ggml rows), byte for byte as ggml_quantize_chunk;
+    `imatrix` (float32, one value per element of a row) selects ggml's importance-weighted path
+    (ignored for F32/F16/BF16 and, as in ggml, for Q8_0). The result keeps the leading axes.
+    """
     a = np.ascontiguousarray(a, dtype=np.float32)
     if qtype == T.F32:
         return a
@@ -39,6 +48,10 @@ def encode(a: np.ndarray, qtype: T) -> np.ndarray:
         return a.astype(np.float16)
     if qtype not in SUPPORTED:
         raise ValueError(f"ggml type {qtype.name} is not supported for writing")
+    if qtype in _kq.TYPES:
+        rows = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+        q = _kq.quantize(rows, qtype, imatrix)
+        return q.reshape(*a.shape[:-1], q.shape[-1])
     return _q.quantize(a, qtype)
 
 
