@@ -36,13 +36,53 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_gguf(args) -> int:
-    from .gguf.export import export_gguf
+def _overrides(args):
+    """llama-quantize's overrides; they only mean something under a quantized mixture."""
+    import re
 
+    from quantize.mixtures import Overrides
+
+    from .gguf.export import parse_quant, parse_type
+
+    given = [f for f, v in (("--pure", args.pure), ("--output-tensor-type", args.output_tensor_type),
+                            ("--token-embedding-type", args.token_embedding_type),
+                            ("--tensor-type", args.tensor_type)) if v]
+    if not given:
+        return None
+    if parse_quant(args.quant).mixture is None:
+        raise ConvertError(f"{given[0]} needs a quantized --quant mixture (e.g. Q4_K_M), not {args.quant}")
+    pats = []
+    for spec in args.tensor_type or []:
+        pat, sep, typ = spec.rpartition("=")
+        if not sep or not pat:
+            raise ConvertError(f"--tensor-type {spec!r}: expected PATTERN=TYPE")
+        try:
+            pats.append((re.compile(pat), parse_type(typ, "--tensor-type")))
+        except re.error as e:
+            raise ConvertError(f"--tensor-type {spec!r}: bad pattern ({e})") from None
+    return Overrides(pure=args.pure,
+                     output_type=parse_type(args.output_tensor_type, "--output-tensor-type") if args.output_tensor_type else None,
+                     token_embedding_type=parse_type(args.token_embedding_type, "--token-embedding-type")
+                     if args.token_embedding_type else None,
+                     tensor_types=pats)
+
+
+def cmd_gguf(args) -> int:
+    from .gguf.export import describe_plan, export_gguf, plan_outputs
+
+    if args.quant is not None and args.outtype is not None and args.quant.lower() != args.outtype.lower():
+        raise ConvertError(f"--quant {args.quant} and --outtype {args.outtype} disagree; give one")
+    args.quant = args.quant or args.outtype or "f16"
+    overrides = _overrides(args)
     ckpt = _model(args)
     out = Path(args.out) if args.out else Path("out") / ckpt.name
+    if args.dry_run:
+        print(describe_plan(plan_outputs(ckpt, out, args.quant, args.mode, mmproj_quant=args.mmproj_quant,
+                                         overrides=overrides)))
+        return 0
     paths = export_gguf(ckpt, out, quant=args.quant, mode=args.mode, force=args.force,
-                        allow_nonfinite=args.allow_nonfinite, quiet=args.quiet, name=args.name)
+                        allow_nonfinite=args.allow_nonfinite, quiet=args.quiet, name=args.name,
+                        mmproj_quant=args.mmproj_quant, overrides=overrides)
     for p in paths:
         print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
     print(f"wrote {out / 'manifest.json'}")
@@ -63,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gguf", help="write the decoder GGUF and the vision projector GGUF(s) for llama.cpp")
     g.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
-    g.add_argument("--quant", "--outtype", dest="quant", default="f16", help="f32, f16 (default), bf16 or q8_0")
+    g.add_argument("--quant", help="f32, f16 (default), bf16, or a llama.cpp mixture: Q8_0, Q6_K, Q5_K_M, Q5_K_S, "
+                   "Q4_K_M, Q4_K_S, Q3_K_M, Q3_K_S, Q3_K_L, Q2_K, Q4_0, Q4_1, Q5_0, Q5_1 (case-insensitive)")
+    g.add_argument("--outtype", help="alias of --quant (llama.cpp converter's name)")
+    g.add_argument("--mmproj-quant", help="the projector's type (default: the decoder's float type; F16 under a mixture)")
+    g.add_argument("--pure", action="store_true", help="llama-quantize --pure: the mixture's default type everywhere")
+    g.add_argument("--output-tensor-type", help="llama-quantize override for output.weight (token_embd when tied)")
+    g.add_argument("--token-embedding-type", help="llama-quantize override for token_embd.weight")
+    g.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="llama-quantize override: tensors whose name matches PATTERN (regex search) get TYPE; repeatable")
+    g.add_argument("--dry-run", action="store_true", help="print every tensor's type, size and bits per weight; write nothing")
     g.add_argument("--mode", default="16x", help="projector downsample mode: 16x (default), 4x or both")
     g.add_argument("--out", help="output folder (default ./out/<model name>)")
     g.add_argument("--name", help="general.name written into the files (default: from the checkpoint)")

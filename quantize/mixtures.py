@@ -33,10 +33,10 @@ MIXTURES: dict[str, Mixture] = {m.name: m for m in (
     _m("Q4_1", F.MOSTLY_Q4_1, T.Q4_1),
     _m("Q5_0", F.MOSTLY_Q5_0, T.Q5_0, ffn_down="legacy_imatrix_guard"),
     _m("Q5_1", F.MOSTLY_Q5_1, T.Q5_1),
-    _m("Q2_K", F.MOSTLY_Q2_K, T.Q2_K, attn_v="q2k_attn_v", ffn_down="to_q3k", attn_output="to_q3k"),
+    _m("Q2_K", F.MOSTLY_Q2_K, T.Q2_K, attn_v="q2k_attn_v", ffn_down="to:Q3_K", attn_output="to:Q3_K"),
     _m("Q3_K_S", F.MOSTLY_Q3_K_S, T.Q3_K),
-    _m("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K, attn_v="first2_q5k_else_q4k", ffn_down="q3km_ffn_down", attn_output="to_q4k"),
-    _m("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K, attn_v="to_q5k", ffn_down="to_q5k", attn_output="to_q5k"),
+    _m("Q3_K_M", F.MOSTLY_Q3_K_M, T.Q3_K, attn_v="first2_q5k_else_q4k", ffn_down="q3km_ffn_down", attn_output="to:Q4_K"),
+    _m("Q3_K_L", F.MOSTLY_Q3_K_L, T.Q3_K, attn_v="to:Q5_K", ffn_down="to:Q5_K", attn_output="to:Q5_K"),
     _m("Q4_K_S", F.MOSTLY_Q4_K_S, T.Q4_K, attn_v="first4_q5k", ffn_down="first8th_q5k"),
     _m("Q4_K_M", F.MOSTLY_Q4_K_M, T.Q4_K, attn_v="more_bits_q6k", ffn_down="more_bits_q6k"),
     _m("Q5_K_S", F.MOSTLY_Q5_K_S, T.Q5_K),
@@ -66,8 +66,8 @@ def _rule(name: str, i: int, n: int, cur: T, ctx: "TypeChooser") -> T:
         if ctx.has_imatrix and i < n // 8:
             return T.Q4_1 if cur == T.Q4_0 else T.Q5_1
         return cur
-    if name.startswith("to_"):
-        return T[name[3:].upper()]
+    if name.startswith("to:"):
+        return T[name[3:]]
     raise KeyError(name)
 
 

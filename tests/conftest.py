@@ -31,6 +31,11 @@ def tiny_alt_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_k_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "tiny-k")
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tiny_dir):
     from convert import Checkpoint
 

@@ -80,7 +80,7 @@ def test_output_folder_policy(tmp_path, tiny_ckpt):
     export_gguf(tiny_ckpt, out, quant="f16", quiet=True)  # re-run replaces its own files
     export_gguf(tiny_ckpt, out, quant="q8_0", quiet=True)  # earlier outputs of this tool are fine too
     m = json.loads((out / "manifest.json").read_text())
-    assert {a["quant"] for a in m["artifacts"]} == {"f16", "q8_0"}
+    assert {a["quant"] for a in m["artifacts"]} == {"F16", "Q8_0"}
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ConvertError, match="holds other files.*--force"):
         export_gguf(tiny_ckpt, out, quant="f16", quiet=True)

@@ -102,3 +102,47 @@ def _with_mode(src: Path, dst: Path, mode: str) -> Path:
             (dst / name).unlink()
             (dst / name).write_text(json.dumps(cfg))
     return dst
+
+
+def upstream_quantize(src: Path, dst: Path, mixture: str, *, pure: bool = False, output_type=None,
+                      token_embedding_type=None, tensor_types: list[tuple[str, object]] = (),
+                      imatrix: dict[str, "np.ndarray"] | None = None, nthread: int = 1) -> Path:
+    """llama.cpp's own llama_model_quantize (through llama-cpp-python) on a GGUF file: the reference
+    for this project's one-pass k-quant export. Types are gguf.GGMLQuantizationType values."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.nthread = nthread
+    p.ftype = int(getattr(gguf.LlamaFileType, "MOSTLY_" + mixture.upper()))
+    p.pure = pure
+    if output_type is not None:
+        p.output_tensor_type = int(output_type)
+    if token_embedding_type is not None:
+        p.token_embedding_type = int(token_embedding_type)
+    keep = []  # ctypes buffers must outlive the call
+    if tensor_types:
+        arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pat, t) in enumerate(tensor_types):
+            b = pat.encode()
+            keep.append(b)
+            arr[i].pattern, arr[i].type = b, int(t)
+        p.tt_overrides = ctypes.cast(arr, type(p.tt_overrides))
+        keep.append(arr)
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep += [name.encode(), v]
+            arr[i].name = keep[-2]
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = v.size
+        p.imatrix = ctypes.cast(arr, type(p.imatrix))
+        keep.append(arr)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise ConvertError(f"llama_model_quantize failed ({rc}) on {src}")
+    return Path(dst)

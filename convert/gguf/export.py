@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as F
+
+from quantize.mixtures import MIXTURES, Mixture, Overrides, TypeChooser
 
 from .. import manifest
 from ..checkpoint import Checkpoint
@@ -17,8 +21,16 @@ from .plan import TensorPlan, build_plan
 from .writer import write_gguf
 
 BASENAME = "MiniCPM-V-4.6"
-# --quant values this module writes (k-quant mixtures arrive with quantize/).
-QUANTS = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+FLOATS = {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16), "bf16": (T.BF16, F.MOSTLY_BF16)}
+
+
+@dataclass(frozen=True)
+class Quant:
+    """A --quant value: a float type (every tensor the converter's way) or a llama.cpp mixture."""
+    label: str  # as in file names: F16, Q4_K_M
+    ftype: F
+    float_type: T | None = None
+    mixture: Mixture | None = None
 
 
 @dataclass
@@ -27,14 +39,46 @@ class Output:
     mode: str | None
     path: Path
     plans: list[TensorPlan]
-    qtype: T
+    quant: Quant
 
 
-def parse_quant(q: str) -> T:
-    key = q.lower()
-    if key not in QUANTS:
-        raise ConvertError(f"unknown --quant {q!r}; choose one of {', '.join(QUANTS)}")
-    return QUANTS[key]
+def parse_quant(q: str, flag: str = "--quant") -> Quant:
+    key = q.strip()
+    if key.lower() in FLOATS:
+        t, ft = FLOATS[key.lower()]
+        return Quant(t.name, ft, float_type=t)
+    mix = MIXTURES.get(key.upper())
+    if mix is None:
+        choices = ", ".join([*FLOATS, *MIXTURES])
+        raise ConvertError(f"unknown {flag} {q!r}; choose one of {choices}")
+    return Quant(mix.name, mix.ftype, mixture=mix)
+
+
+def parse_type(t: str, flag: str) -> T:
+    try:
+        qt = T[t.strip().upper()]
+    except KeyError:
+        raise ConvertError(f"unknown ggml type {t!r} for {flag}") from None
+    from quantize.ggml import SUPPORTED
+
+    if qt not in SUPPORTED:
+        raise ConvertError(f"{flag}: type {qt.name} cannot be written by this tool")
+    return qt
+
+
+def quantized_plan(plans: list[TensorPlan], quant: Quant, n_layer: int, *, n_gqa: int = 1,
+                   has_imatrix: bool = False, overrides: Overrides | None = None) -> tuple[list[TensorPlan], list[str]]:
+    """Apply a mixture to a plan built for F32 (the types llama-quantize would pick for that file)."""
+    ch = TypeChooser(quant.mixture, [p.name for p in plans], n_layer, n_gqa=n_gqa, has_imatrix=has_imatrix,
+                     overrides=overrides)
+    out = [dataclasses.replace(p, qtype=ch.choose(p.name, p.shape, p.qtype)) for p in plans]
+    from quantize.ggml import fits
+
+    for p in out:  # only an explicit override can get here; llama.cpp aborts on such a file
+        if not fits(p.qtype, p.shape[-1]):
+            raise ConvertError(f"{p.name}: rows of {p.shape[-1]} values cannot be stored as {p.qtype.name} "
+                               f"(block size {gguf.GGML_QUANT_SIZES[p.qtype][0]}); choose another override type")
+    return out, ch.fallbacks
 
 
 def modes_of(mode: str) -> list[str]:
@@ -43,17 +87,43 @@ def modes_of(mode: str) -> list[str]:
     return ["16x", "4x"] if mode == "both" else [mode]
 
 
-def plan_outputs(ckpt: Checkpoint, out_dir: Path, quant: str = "f16", mode: str = "16x",
+def _plan(ckpt: Checkpoint, kind: str, quant: Quant, mode: str, n_layer: int, **kw) -> list[TensorPlan]:
+    if quant.float_type is not None:
+        return build_plan(ckpt, kind, quant.float_type, mode)
+    return quantized_plan(build_plan(ckpt, kind, T.F32, mode), quant, n_layer, **kw)[0]
+
+
+def plan_outputs(ckpt: Checkpoint, out_dir: Path, quant: str = "f16", mode: str = "16x", *,
+                 mmproj_quant: str | None = None, overrides: Overrides | None = None, has_imatrix: bool = False,
                  basename: str = BASENAME) -> list[Output]:
-    qt = parse_quant(quant)
-    tag = qt.name
-    outs = [Output("decoder", None, out_dir / f"{basename}-{tag}.gguf", build_plan(ckpt, "decoder", qt), qt)]
+    dq = parse_quant(quant)
+    # the projector: the decoder's float type by default, F16 under a quantized mixture
+    mq = parse_quant(mmproj_quant, "--mmproj-quant") if mmproj_quant else (dq if dq.float_type else parse_quant("f16"))
+    t, v = ckpt.spec.text, ckpt.spec.vision
+    dec = _plan(ckpt, "decoder", dq, "16x", t.num_layers, n_gqa=t.num_heads // t.num_kv_heads,
+                has_imatrix=has_imatrix, overrides=overrides)
+    outs = [Output("decoder", None, out_dir / f"{basename}-{dq.label}.gguf", dec, dq)]
     modes = modes_of(mode)
     for m in modes:
         suffix = f"-{m}" if len(modes) > 1 else ""
-        outs.append(Output("mmproj", m, out_dir / f"mmproj-{basename}-{tag}{suffix}.gguf",
-                           build_plan(ckpt, "mmproj", qt, m), qt))
+        outs.append(Output("mmproj", m, out_dir / f"mmproj-{basename}-{mq.label}{suffix}.gguf",
+                           _plan(ckpt, "mmproj", mq, m, v.num_layers), mq))
     return outs
+
+
+def describe_plan(outputs: list[Output]) -> str:
+    """The --dry-run table: every tensor's name, shape (ggml order), type, bytes and bits per weight."""
+    lines = []
+    for o in outputs:
+        lines.append(f"{o.path.name}  ({o.kind}{', ' + o.mode if o.mode else ''}, {o.quant.label})")
+        lines.append(f"  {'tensor':<36} {'shape':>18} {'type':>6} {'bytes':>12} {'bpw':>6}")
+        for p in o.plans:
+            shape = "x".join(str(d) for d in reversed(p.shape))
+            lines.append(f"  {p.name:<36} {shape:>18} {p.qtype.name:>6} {p.nbytes:>12} {8 * p.nbytes / p.n_params:>6.2f}")
+        nb, npar = sum(p.nbytes for p in o.plans), sum(p.n_params for p in o.plans)
+        lines.append(f"  total: {len(o.plans)} tensors, {npar} weights, {nb} bytes ({nb / 2**20:.2f} MiB), "
+                     f"{8 * nb / npar:.2f} bits per weight")
+    return "\n".join(lines)
 
 
 def check_out_dir(out_dir: Path, outputs: list[Output], force: bool) -> None:
@@ -81,14 +151,15 @@ def source_info(ckpt: Checkpoint) -> dict:
 
 
 def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: str = "16x", force: bool = False,
-                allow_nonfinite: bool = False, quiet: bool = False, name: str | None = None) -> list[Path]:
+                allow_nonfinite: bool = False, quiet: bool = False, name: str | None = None,
+                mmproj_quant: str | None = None, overrides: Overrides | None = None) -> list[Path]:
     out_dir = Path(out_dir)
-    outputs = plan_outputs(ckpt, out_dir, quant, mode)
+    outputs = plan_outputs(ckpt, out_dir, quant, mode, mmproj_quant=mmproj_quant, overrides=overrides)
     check_out_dir(out_dir, outputs, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for o in outputs:
-        ftype = metadata.FILE_TYPE[o.qtype]
+        ftype = o.quant.ftype
         n_params = sum(p.n_params for p in o.plans)
         if o.kind == "decoder":
             arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35]
@@ -104,7 +175,7 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
                 metadata.mmproj(w, ckpt, ftype, o.mode)
         write_gguf(o.path, arch, o.plans, ckpt, meta, quiet=quiet, allow_nonfinite=allow_nonfinite,
                    desc=o.path.name)
-        entries.append(manifest.artifact_entry(o.path, kind=o.kind, format="gguf", quant=quant.lower(),
+        entries.append(manifest.artifact_entry(o.path, kind=o.kind, format="gguf", quant=o.quant.label,
                                                mode=o.mode, n_tensors=len(o.plans)))
     manifest.write(out_dir, source_info(ckpt), entries)
     return [o.path for o in outputs]

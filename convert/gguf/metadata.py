@@ -7,14 +7,11 @@ tools/mtmd/clip.cpp) and what its own converter writes for MiniCPM-V 4.6.
 from __future__ import annotations
 
 import gguf
-from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 from ..checkpoint import Checkpoint
 from ..errors import ConvertError
 
-FILE_TYPE = {T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.BF16: F.MOSTLY_BF16, T.Q8_0: F.MOSTLY_Q8_0,
-             T.Q4_0: F.MOSTLY_Q4_0, T.Q4_1: F.MOSTLY_Q4_1, T.Q5_0: F.MOSTLY_Q5_0, T.Q5_1: F.MOSTLY_Q5_1}
 PRE_TOKENIZER = "qwen35"  # Qwen3.5's regex (with \p{M}); llama.cpp keys it by this name
 
 

@@ -94,10 +94,11 @@ PRESETS: dict[str, Preset] = {
         top=dict(insert_layer_id=1),
         bpe_vocab_size=2048, padded_vocab=False, dtype="bfloat16",
     ),
-    # Another shape: hidden not a multiple of 256, a 3-layer attention interval, 3 value heads per key head.
+    # Another shape: hidden not a multiple of 256, an FFN not a multiple of 32 (every k-quant fallback),
+    # a 3-layer attention interval, 3 value heads per key head.
     "tiny-alt": Preset(
         "tiny-alt",
-        text=dict(hidden_size=320, intermediate_size=640, num_hidden_layers=6, full_attention_interval=3,
+        text=dict(hidden_size=320, intermediate_size=600, num_hidden_layers=6, full_attention_interval=3,
                   layer_types=_layers([LIN, LIN, FULL], 6), num_attention_heads=5, num_key_value_heads=1, head_dim=64,
                   linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=6),
         vision=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=3),
