@@ -30,7 +30,7 @@ def test_same_as_llamacpp_converter(tmp_path, request, upstream, preset):
     model = request.getfixturevalue("tiny_dir" if preset == "tiny" else "tiny_alt_dir")
     jobs, ours = [], []
     for q in QUANTS:  # one upstream process for every file: torch's import is the slow part
-        ours += export_gguf(Checkpoint(model), tmp_path / "ours" / q, quant=q, mode="both", quiet=True)
+        ours += export_gguf(Checkpoint(model), tmp_path / "ours" / q, quant=q, mmproj_quant=q, mode="both", quiet=True)
         jobs += [(model, tmp_path / f"{q}-dec.gguf", q, False, "16x"), (model, tmp_path / f"{q}-mm16.gguf", q, True, "16x"),
                  (model, tmp_path / f"{q}-mm4.gguf", q, True, "4x")]
     theirs = upstream(jobs)

@@ -98,7 +98,7 @@ def plan_outputs(ckpt: Checkpoint, out_dir: Path, quant: str = "f16", mode: str 
                  basename: str = BASENAME) -> list[Output]:
     dq = parse_quant(quant)
     # the projector: the decoder's float type by default, F16 under a quantized mixture
-    mq = parse_quant(mmproj_quant, "--mmproj-quant") if mmproj_quant else (dq if dq.float_type else parse_quant("f16"))
+    mq = parse_quant(mmproj_quant, "--mmproj-quant") if mmproj_quant else (dq if dq.float_type is not None else parse_quant("f16"))
     t, v = ckpt.spec.text, ckpt.spec.vision
     dec = _plan(ckpt, "decoder", dq, "16x", t.num_layers, n_gqa=t.num_heads // t.num_kv_heads,
                 has_imatrix=has_imatrix, overrides=overrides)
