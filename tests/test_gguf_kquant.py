@@ -73,3 +73,46 @@ def test_quant_flag_parsing():
     assert parse_quant("q4_k_m").mixture is MIXTURES["Q4_K_M"] and parse_quant("F16").float_type == T.F16
     with pytest.raises(ConvertError, match="unknown --quant 'Q4_K_X'"):
         parse_quant("Q4_K_X")
+
+
+def test_real_siglip_dims_take_kquants_only_where_rows_fit():
+    """On the real config, a Q4_K_M projector keeps patch/position embeddings F32, puts k-quants only
+    where rows are a multiple of 256 (the mergers), falls back to Q5_0 on 1152-wide rows and to F16 on
+    the 4304-wide ViT ffn_down."""
+    import copy
+
+    from convert import ModelSpec
+    from convert.gguf.export import quantized_plan
+    from convert.gguf.plan import plan_from_spec
+    from convert.synth.presets import REAL_CONFIG
+
+    spec = ModelSpec.from_config(copy.deepcopy(REAL_CONFIG))
+    plans, fallbacks = quantized_plan(plan_from_spec(spec, "mmproj", T.F32), parse_quant("Q4_K_M"), spec.vision.num_layers)
+    ty = {p.name: p.qtype for p in plans}
+    assert ty["v.patch_embd.weight"] == T.F32 and ty["v.position_embd.weight"] == T.F32
+    assert ty["mm.up.weight"] in (T.Q4_K, T.Q6_K) and ty["v.vit_merger.ds_ffn_up.weight"] in (T.Q4_K, T.Q6_K)
+    assert ty["v.blk.0.attn_q.weight"] == T.Q5_0 and ty["v.blk.0.ffn_up.weight"] == T.Q5_0
+    assert ty["v.blk.5.ffn_down.weight"] == T.F16
+    assert "v.blk.5.ffn_down.weight" in fallbacks
+
+
+@pytest.mark.parametrize("mmq", ["q8_0", "Q4_K_M"])
+def test_quantized_mmproj_loads_in_mtmd(tmp_path, tiny_k_dir, mmq):
+    """llama-quantize refuses `clip` files; this project quantizes the projector, and mtmd runs it."""
+    import numpy as np
+    from PIL import Image
+
+    from runtimes.llamacpp import LlamaCppRuntime
+    from runtimes.reference import ReferenceRuntime
+    from validate.metrics import embedding_agreement
+
+    dec, mm = export_gguf(Checkpoint(tiny_k_dir), tmp_path, quant="Q4_K_M", mmproj_quant=mmq, quiet=True)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).resize((448, 448), Image.BICUBIC)
+    ref = ReferenceRuntime(tiny_k_dir).image_embeddings(img)
+    with LlamaCppRuntime(dec, mm, n_ctx=1024) as rt:
+        got = rt.image_embeddings(img)
+    m = embedding_agreement(ref[0], got[0])
+    print(f"mmproj {mmq}: {m}")
+    assert len(got) == len(ref) and got[0].shape == ref[0].shape
+    assert m["cosine"] >= (0.999 if mmq == "q8_0" else 0.98), m

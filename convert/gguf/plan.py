@@ -99,6 +99,16 @@ def build_plan(ckpt: Checkpoint, kind: str, ftype: T, mode: str = "16x",
     return plans
 
 
+def plan_from_spec(spec: ModelSpec, kind: str, ftype: T, mode: str = "16x") -> list[TensorPlan]:
+    """A plan from the config alone (no weights): for sizing and --dry-run on shapes not on disk."""
+    plans = []
+    for name, shape in expected_shapes(spec, kind, mode).items():
+        m = re.match(r"(v\.)?blk\.(\d+)\.", name)
+        plans.append(TensorPlan(name, "", (), shape, float_type_rule(name, shape, ftype, kind=kind),
+                                int(m.group(2)) if m else None))
+    return sorted(plans, key=_order_key)
+
+
 def expected_shapes(spec: ModelSpec, kind: str, mode: str = "16x") -> dict[str, tuple[int, ...]]:
     """Every GGUF tensor's shape (numpy order) as the config says it must be."""
     t, v = spec.text, spec.vision
