@@ -78,11 +78,11 @@ def cmd_gguf(args) -> int:
     out = Path(args.out) if args.out else Path("out") / ckpt.name
     if args.dry_run:
         print(describe_plan(plan_outputs(ckpt, out, args.quant, args.mode, mmproj_quant=args.mmproj_quant,
-                                         overrides=overrides)))
+                                         overrides=overrides, has_imatrix=args.imatrix is not None)))
         return 0
     paths = export_gguf(ckpt, out, quant=args.quant, mode=args.mode, force=args.force,
                         allow_nonfinite=args.allow_nonfinite, quiet=args.quiet, name=args.name,
-                        mmproj_quant=args.mmproj_quant, overrides=overrides)
+                        mmproj_quant=args.mmproj_quant, overrides=overrides, imatrix=args.imatrix)
     for p in paths:
         print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
     print(f"wrote {out / 'manifest.json'}")
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-embedding-type", help="llama-quantize override for token_embd.weight")
     g.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="llama-quantize override: tensors whose name matches PATTERN (regex search) get TYPE; repeatable")
+    g.add_argument("--imatrix", help="importance matrix (llama.cpp's imatrix GGUF or .dat; see `python -m quantize imatrix`)")
     g.add_argument("--dry-run", action="store_true", help="print every tensor's type, size and bits per weight; write nothing")
     g.add_argument("--mode", default="16x", help="projector downsample mode: 16x (default), 4x or both")
     g.add_argument("--out", help="output folder (default ./out/<model name>)")

@@ -116,3 +116,36 @@ def test_quantized_mmproj_loads_in_mtmd(tmp_path, tiny_k_dir, mmq):
     print(f"mmproj {mmq}: {m}")
     assert len(got) == len(ref) and got[0].shape == ref[0].shape
     assert m["cosine"] >= (0.999 if mmq == "q8_0" else 0.98), m
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(tmp_path_factory, shape):
+    """An importance matrix of this shape's model from the default image+text calibration set."""
+    from convert.gguf.imatrix import collect_imatrix
+    from quantize.calibration import load_calibration
+    from quantize.imatrix import write_imatrix_gguf
+
+    _, c, _ = shape
+    samples, dataset = load_calibration("default", tokenizer=c.tokenizer, n=8, seqlen=256, seed=0)
+    data = collect_imatrix(c, samples, seqlen=256, datasets=[dataset], quiet=True)
+    return write_imatrix_gguf(tmp_path_factory.mktemp("imat") / "imatrix.gguf", data)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "Q5_1"])
+def test_mixture_with_imatrix_bit_identical(tmp_path, shape, imatrix_file, quant):
+    """With an importance matrix, the bytes equal llama_model_quantize fed the same importances."""
+    from quantize.imatrix import importance, read_imatrix
+
+    _, c, f32 = shape
+    ours = export_gguf(c, tmp_path / "ours", quant=quant, quiet=True, imatrix=imatrix_file)[0]
+    data = read_imatrix(imatrix_file)
+    theirs = upstream_quantize(f32, tmp_path / "theirs.gguf", quant, imatrix={n: importance(data, n) for n in data.names()})
+    d = diff(ours, theirs)
+    # the quantize.imatrix.* keys are what the llama-quantize CLI adds; the library call does not
+    assert sorted(d.keys_only_a) == sorted(k for k in d.keys_only_a if k.startswith("quantize.imatrix."))
+    d.keys_only_a = []
+    assert d.is_identical(), f"{quant}: {d.summary()}"
+    plain = export_gguf(c, tmp_path / "plain", quant=quant, quiet=True)[0]
+    weighted = {p.qtype for p in plan_outputs(c, tmp_path, quant)[0].plans} - {T.F32, T.F16, T.Q8_0}
+    # the imatrix changes every type that uses it (Q8_0 ignores it: tiny-alt's Q6_K all falls back to Q8_0)
+    assert bool(diff(ours, plain).tensors_bytes_differ) == bool(weighted)

@@ -106,7 +106,7 @@ def _with_mode(src: Path, dst: Path, mode: str) -> Path:
 
 def upstream_quantize(src: Path, dst: Path, mixture: str, *, pure: bool = False, output_type=None,
                       token_embedding_type=None, tensor_types: list[tuple[str, object]] = (),
-                      imatrix: dict[str, "np.ndarray"] | None = None, nthread: int = 1) -> Path:
+                      imatrix: dict | None = None, nthread: int = 1) -> Path:
     """llama.cpp's own llama_model_quantize (through llama-cpp-python) on a GGUF file: the reference
     for this project's one-pass k-quant export. Types are gguf.GGMLQuantizationType values."""
     import ctypes

@@ -150,11 +150,39 @@ def source_info(ckpt: Checkpoint) -> dict:
             "tensor_index_sha256": h.hexdigest(), "model_type": ckpt.config.get("model_type")}
 
 
+def load_imatrix(path: str | Path, plans: list[TensorPlan]):
+    """The importance vectors for the decoder's tensors (llama-quantize's normalisation), and the
+    `quantize.imatrix.*` keys llama-quantize records."""
+    from quantize.imatrix import importance, read_imatrix
+
+    data = read_imatrix(path)
+    vecs = {}
+    for p in plans:
+        v = importance(data, p.name)
+        if v is not None:
+            if v.size != p.shape[-1]:
+                raise ConvertError(f"imatrix entry {p.name} has {v.size} values, the tensor's rows have {p.shape[-1]}")
+            vecs[p.name] = v
+    if not vecs:
+        raise ConvertError(f"{path}: no entry matches a tensor of this model (an imatrix of another model?)")
+    keys = {"quantize.imatrix.file": str(path)[:127], "quantize.imatrix.entries_count": len(data.entries)}
+    if data.datasets:
+        keys["quantize.imatrix.dataset"] = data.datasets[0]
+    if data.chunk_count > 0:
+        keys["quantize.imatrix.chunks_count"] = int(data.chunk_count)
+    return vecs, keys
+
+
 def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: str = "16x", force: bool = False,
                 allow_nonfinite: bool = False, quiet: bool = False, name: str | None = None,
-                mmproj_quant: str | None = None, overrides: Overrides | None = None) -> list[Path]:
+                mmproj_quant: str | None = None, overrides: Overrides | None = None,
+                imatrix: str | Path | None = None) -> list[Path]:
     out_dir = Path(out_dir)
-    outputs = plan_outputs(ckpt, out_dir, quant, mode, mmproj_quant=mmproj_quant, overrides=overrides)
+    if imatrix is not None and parse_quant(quant).mixture is None:
+        raise ConvertError(f"--imatrix needs a quantized --quant mixture (e.g. Q4_K_M), not {quant}")
+    outputs = plan_outputs(ckpt, out_dir, quant, mode, mmproj_quant=mmproj_quant, overrides=overrides,
+                           has_imatrix=imatrix is not None)
+    imat, imat_keys = load_imatrix(imatrix, outputs[0].plans) if imatrix is not None else ({}, {})
     check_out_dir(out_dir, outputs, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -167,6 +195,8 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
             def meta(w, o=o, ftype=ftype, n_params=n_params):
                 metadata.general(w, ckpt, n_params, name, mmproj=False)
                 metadata.decoder(w, ckpt, ftype)
+                for k, v in imat_keys.items():
+                    (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
         else:
             arch = "clip"
 
@@ -174,7 +204,7 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
                 metadata.general(w, ckpt, n_params, name, mmproj=True)
                 metadata.mmproj(w, ckpt, ftype, o.mode)
         write_gguf(o.path, arch, o.plans, ckpt, meta, quiet=quiet, allow_nonfinite=allow_nonfinite,
-                   desc=o.path.name)
+                   desc=o.path.name, imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None))
         entries.append(manifest.artifact_entry(o.path, kind=o.kind, format="gguf", quant=o.quant.label,
                                                mode=o.mode, n_tensors=len(o.plans)))
     manifest.write(out_dir, source_info(ckpt), entries)

@@ -54,7 +54,8 @@ def _checked(p: TensorPlan, a: np.ndarray, allow_nonfinite: bool) -> np.ndarray:
 
 def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
                add_metadata: Callable[[gguf.GGUFWriter], None], *, quiet: bool = False,
-               allow_nonfinite: bool = False, encode: Callable = ggml.encode, desc: str = "") -> None:
+               allow_nonfinite: bool = False, encode: Callable = ggml.encode, desc: str = "",
+               imatrix_for: Callable[[TensorPlan], np.ndarray | None] = lambda p: None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     w = gguf.GGUFWriter(None, arch)
@@ -71,8 +72,9 @@ def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
             for p in plans:
                 w.write_padding(fout, fout.tell())  # align the tensor's start, as GGUFWriter does
                 written = 0
+                imat = imatrix_for(p)
                 for chunk in source_chunks(ckpt, p, allow_nonfinite):
-                    raw = np.ascontiguousarray(encode(chunk, p.qtype)).view(np.uint8).reshape(-1)
+                    raw = np.ascontiguousarray(encode(chunk, p.qtype, imat)).view(np.uint8).reshape(-1)
                     fout.write(raw.data)
                     written += raw.nbytes
                     bar.update(raw.nbytes)

@@ -16,7 +16,7 @@ import math
 import torch
 
 H = dict(rank_div=16, rank_min=16, eps=0.2, mass=6.0, mass_ch=512, norm_out=(3.0, 6.0), norm_out_ch=128,
-         f0=1.5, f0_mix=1.5, f_mix=0.1, f_mlp=0.1, f_vis=0.3, vis_qk=2.0, vis_pos=0.6, conf=0.8, gate=1.5, up=1.0, qk=1.0, v=1.0, a=0.5, b=1.0,
+         f0=2.0, f0_mix=0.5, f_mix=0.08, f_mlp=0.1, f_vis=0.3, vis_qk=2.0, vis_pos=0.6, conf=0.8, gate=1.5, up=1.0, qk=1.0, v=1.0, a=0.5, b=1.0,
          z=1.0, qk_norm=1.3, pos=1.0, conv_prev=0.4, strong=0.02, strong_gain=3.0, cal_len=128)
 
 
@@ -115,7 +115,9 @@ def _attn(sa, ts, t, i):
     k[:, half:rd, c] += (amp * torch.sin(phi + freq))[:, 0]
     sa.q_proj.weight.copy_(q.reshape(nh * hd * 2, -1))
     sa.k_proj.weight.copy_(k.reshape(nkv * hd, -1))
-    sa.v_proj.weight.copy_(t.reader(nkv * hd, H["v"]))
+    v = t.reader(nkv * hd, H["v"])
+    v[torch.randperm(nkv * hd, generator=t.g)[:2]] *= 4  # value outliers: outlier inputs of o_proj
+    sa.v_proj.weight.copy_(v)
     sa.q_norm.weight.copy_(t.offset_norm(hd, outliers=False) + H["qk_norm"] - 1)
     sa.k_norm.weight.copy_(t.offset_norm(hd, outliers=False) + H["qk_norm"] - 1)
     sa.o_proj.weight.copy_(t.writer(nh * hd))

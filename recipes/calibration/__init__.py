@@ -1,0 +1,1 @@
+"""Data for the default calibration set (quantize.calibration): prompts, image captions, passages."""
