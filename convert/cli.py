@@ -27,12 +27,9 @@ def _model(args) -> "Checkpoint":  # noqa: F821
 def cmd_synth(args) -> int:
     from .synth.build import build_synthetic
 
-    rep = build_synthetic(args.preset, Path(args.out), seed=args.seed, report=not args.no_report, quiet=args.quiet)
+    # the behaviour report prints itself (unless --quiet) and is kept as synth_report.json
+    build_synthetic(args.preset, Path(args.out), seed=args.seed, report=not args.no_report, quiet=args.quiet)
     print(f"wrote synthetic MiniCPM-V 4.6 ({args.preset}, seed {args.seed}) to {args.out}")
-    if rep and not args.quiet:
-        from .synth.behaviour import format_report
-
-        print(format_report(rep))
     return 0
 
 

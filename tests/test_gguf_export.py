@@ -204,3 +204,12 @@ def test_main_command_uses_embedded_default(tmp_path):
     out = tmp_path / "out" / "MiniCPM-V-4.6-synth-tiny-seed0"
     assert sorted(p.name for p in out.iterdir()) == [
         "MiniCPM-V-4.6-F16.gguf", "manifest.json", "mmproj-MiniCPM-V-4.6-F16.gguf"]
+
+
+def test_synth_cli_prints_behaviour_report(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "convert", "synth", "--preset", "tiny", "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "behaviour report" in r.stdout and "mlp_ablation_flip_min" in r.stdout
+    rep = json.loads((tmp_path / "m" / "synth_report.json").read_text())
+    assert rep and (tmp_path / "m" / "config.json").is_file()
