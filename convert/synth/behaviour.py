@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# target name -> (threshold, ">=" or "<="); `behaviour_report` says which pass.
+# target name -> (threshold, ">=" or "<="); rep["checks"] says which pass. Q4 is thresholded on
+# asymmetric min/max groups of 128; the symmetric variant is reported beside it.
 TARGETS = {
     "mlp_ablation_flip_min": (0.10, ">="),
     "q8_block32_sym_agreement": (0.97, ">="),
@@ -22,17 +23,17 @@ MIN_TOKENS = MAX_TOKENS = 256
 
 PASSAGES = [
     ("Explain how a lighthouse keeper kept the lamp burning through a winter storm.",
-     "Before dusk the keeper trimmed the wicks, polished the brass and carried oil up the spiral stairs. "
+     ("Before dusk the keeper trimmed the wicks, polished the brass and carried oil up the spiral stairs. "
      "When the wind rose he wound the clockwork that turned the lens every few minutes, and between "
-     "rounds he wrote the barometer readings, the colour of the sea and the ships he saw in the log."),
+     "rounds he wrote the barometer readings, the colour of the sea and the ships he saw in the log.")),
     ("What should I pack for three days of hiking in the mountains in early autumn?",
-     "Bring layers rather than one heavy coat: a thin wool base, a fleece, and a waterproof shell. "
+     ("Bring layers rather than one heavy coat: a thin wool base, a fleece, and a waterproof shell. "
      "Add a warm hat, gloves, two pairs of socks, a head torch with spare batteries, a map, water "
-     "purification tablets, and food that does not need cooking, such as nuts, cheese and dried fruit."),
+     "purification tablets, and food that does not need cooking, such as nuts, cheese and dried fruit.")),
     ("Summarise why bread dough needs to rest before baking.",
-     "Resting lets the gluten relax so the dough stretches without tearing, and it gives the yeast "
+     ("Resting lets the gluten relax so the dough stretches without tearing, and it gives the yeast "
      "time to ferment sugars into gas and flavour. A slow, cool rise of 12 to 18 hours gives a more "
-     "open crumb and a deeper taste than a quick warm one."),
+     "open crumb and a deeper taste than a quick warm one.")),
 ]
 
 
@@ -119,12 +120,13 @@ def _run_from(model, calls, start):
 
 
 def _mistakes(model, ts) -> dict:
-    """Parameter edits that mimic converter mistakes: a model where each shows is non-trivial there."""
+    """Parameter edits that mimic converter mistakes; on a sane model each flips many predictions."""
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
     lm = model.model.language_model
     gdn = [layer.linear_attn for layer in lm.layers if hasattr(layer, "linear_attn")]
-    out = {"norm_without_plus_one": [(m.weight, lambda w: w - 1) for m in lm.modules() if isinstance(m, Qwen3_5RMSNorm)],
+    offset_norms = [m.weight for m in lm.modules() if isinstance(m, Qwen3_5RMSNorm)]
+    out = {"norm_without_plus_one": [(w, lambda w: w - 1) for w in offset_norms],
            "A_log_used_as_A": [(m.A_log, lambda a: a.clamp_min(1e-6).log()) for m in gdn]}
     nk, nv, dv = ts.linear_num_key_heads, ts.linear_num_value_heads, ts.linear_value_head_dim
     if gdn and nv != nk:  # V heads in tiled instead of grouped order: each meets the wrong K head
@@ -150,7 +152,8 @@ def behaviour_report(model, tokenizer, spec, quiet: bool = False) -> dict:
     for name, m in lin.items():
         hooks.append(m.register_forward_pre_hook(lambda mod, a, n=name: acts.__setitem__(n, a[0])))
     for i, layer in enumerate(layers):  # each layer's inputs, to re-run the stack from any layer on
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, kw, i=i: calls.__setitem__(i, (a, kw)), with_kwargs=True))
+        record = lambda m, a, kw, i=i: calls.__setitem__(i, (a, kw))
+        hooks.append(layer.register_forward_pre_hook(record, with_kwargs=True))
     base, logits = _run(model, ids)
     for h in hooks:
         h.remove()
@@ -159,7 +162,7 @@ def behaviour_report(model, tokenizer, spec, quiet: bool = False) -> dict:
            "copy_fraction": agree(ids[0]), "distinct_predictions": int(base.unique().numel())}
     del logits
     mistakes = _mistakes(model, spec.text)
-    bar = tqdm(total=len(layers) + 6 + len(mistakes), desc="behaviour report", disable=quiet, leave=False)
+    bar = tqdm(total=len(layers) + 7 + len(mistakes), desc="behaviour report", disable=quiet, leave=False)
     # does the prediction use the context (each token alone) and the positions (RoPE off)?
     rep["context_free_agreement"] = agree(_run(model, ids.view(-1, 1))[0])
     pos = torch.zeros(4, 1, ids.shape[1], dtype=torch.long)  # row 0: text positions (mask), rows 1-3: RoPE
@@ -185,7 +188,8 @@ def behaviour_report(model, tokenizer, spec, quiet: bool = False) -> dict:
         with _edited(edits):
             rep["converter_mistake_flip"][key] = 1 - agree(_run(model, ids)[0])
         bar.update()
-    if next(model.parameters()).dtype == torch.float32 and all(torch.equal(p, p.bfloat16().float()) for p in model.parameters()):
+    params = list(model.parameters())
+    if params[0].dtype == torch.float32 and all(torch.equal(p, p.bfloat16().float()) for p in params):
         bufs = {n: b.clone() for n, b in model.named_buffers()}  # RoPE tables must come back exact
         model.to(torch.bfloat16)
         rep["bf16_compute_agreement"] = agree(_run(model, ids)[0])
@@ -222,7 +226,8 @@ def _vision_report(model, spec, ref_rms) -> dict:
     a, b = feats(imgs[0]), feats(imgs[1])
     cos = lambda x, y: float(F.cosine_similarity(x, y, dim=-1).mean())
     an = F.normalize(a, dim=-1)
-    rep = {"vision_finite": bool(torch.isfinite(a).all()), "vision_rms_over_text": float(a.pow(2).mean().sqrt()) / ref_rms,
+    rep = {"vision_finite": bool(torch.isfinite(a).all()),
+           "vision_rms_over_text": float(a.pow(2).mean().sqrt()) / ref_rms,
            "vision_cos_between_images": cos(a, b), "vision_cos_within_image": float((an @ an.T).mean())}
     vt = model.model.vision_tower
     lns = [m for m in (*vt.modules(), *model.model.merger.modules()) if isinstance(m, torch.nn.LayerNorm)]
@@ -240,11 +245,12 @@ def _print(rep):
     print("  mlp ablation flips per layer:", " ".join(f"{f:.2f}" for f in rep["mlp_ablation_flip"]))
     print(f"  q4 sym agreement {rep['q4_group128_sym_agreement']:.3f}; bf16 compute agreement "
           f"{rep.get('bf16_compute_agreement', float('nan')):.3f}; distinct predictions {rep['distinct_predictions']}")
-    print("  flips from converter mistakes:", ", ".join(f"{k} {v:.2f}" for k, v in
-                                                     {"rope_off": rep["rope_off_flip"], **rep["converter_mistake_flip"]}.items()))
+    flips = {"rope_off": rep["rope_off_flip"], **rep["converter_mistake_flip"]}
+    print("  flips from converter mistakes:", ", ".join(f"{k} {v:.2f}" for k, v in flips.items()))
     print(f"  vision: finite {rep['vision_finite']}, rms/text {rep['vision_rms_over_text']:.2f}, cos between images "
-          f"{rep['vision_cos_between_images']:.3f}, within {rep['vision_cos_within_image']:.3f}; cos to reference if "
-          f"pos-embed dropped {rep['vision_cos_no_position_embedding']:.3f}, LN bias dropped {rep['vision_cos_no_layernorm_bias']:.3f}")
-    print("  inputs of decoder linears (median over layers): erank  rank90 (fraction of min(dim, tokens))  outlier ratio")
+          f"{rep['vision_cos_between_images']:.3f}, within {rep['vision_cos_within_image']:.3f}; cos to reference "
+          f"if pos-embed dropped {rep['vision_cos_no_position_embedding']:.3f}, "
+          f"if LN bias dropped {rep['vision_cos_no_layernorm_bias']:.3f}")
+    print("  inputs of decoder linears, median over layers: erank, rank90 (of min(dim, tokens)), outlier ratio")
     for k, v in rep["activation_summary"].items():
         print(f"    {k:28s} {v['erank_frac']:.3f}  {v['rank90_frac']:.3f}  {v['outlier_ratio']:.1f}")

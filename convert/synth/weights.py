@@ -15,9 +15,21 @@ import math
 
 import torch
 
-H = dict(rank_div=16, rank_min=16, eps=0.2, mass=6.0, mass_ch=512, norm_out=(3.0, 6.0), norm_out_ch=128,
-         f0=2.0, f0_mix=0.5, f_mix=0.08, f_mlp=0.1, f_vis=0.3, vis_qk=2.0, vis_pos=0.6, conf=0.8, gate=1.5, up=1.0, qk=1.0, v=1.0, a=0.5, b=1.0,
-         z=1.0, qk_norm=1.3, pos=1.0, conv_prev=0.4, strong=0.02, strong_gain=3.0, cal_len=128)
+# Knobs, tuned on tiny and on a 24-layer model (see the behaviour report for what they buy).
+H = {
+    "rank_div": 16, "rank_min": 16, "eps": 0.2,  # residual subspace rank d/16 (>= 16); share of full-rank noise
+    "mass": 6.0, "mass_ch": 512,  # one massive channel per 512 dims, 6 x the embeddings' RMS
+    "norm_out": (3.0, 6.0), "norm_out_ch": 128,  # (1+w) of a few norm channels (1 per 128) in 3..6
+    "f0": 2.0, "f0_mix": 0.5, "f_mix": 0.08, "f_mlp": 0.1,  # block output / stream RMS: layer 0, then the rest
+    "conf": 0.8,  # mean top-1 probability the final norm is set for (on random tokens)
+    "gate": 1.5, "up": 1.0, "qk": 1.0, "v": 1.0, "a": 0.5, "b": 1.0, "z": 1.0,  # reader output RMS
+    "qk_norm": 1.3, "pos": 1.0,  # attention sharpness; positional / content energy of q and k
+    "conv_prev": 0.4, "strong": 0.02, "strong_gain": 3.0,  # conv taps before the current token; hot neurons
+    # vision: small, sharp attention updates (a deep stack of diffuse ones collapses every token
+    # to one common vector), position embeddings and LayerNorm biases big enough to matter
+    "f_vis": 0.3, "f_vis_attn": 0.15, "vis_qk": 3.0, "vis_pos": 0.6, "vis_ln_bias": 0.2,
+    "cal_len": 128,  # tokens in the text calibration pass
+}
 
 
 def _rn(g, *shape, std=1.0):
@@ -82,8 +94,8 @@ def _gdn(la, ts, t):
     la.in_proj_qkv.weight.copy_(torch.cat([t.reader(qk, H["qk"]), t.reader(qk, H["qk"]), t.reader(vd, H["v"])]))
     la.in_proj_z.weight.copy_(t.reader(vd, H["z"]))
     la.in_proj_a.weight.copy_(t.reader(nv, H["a"]))
-    la.in_proj_b.weight.copy_(t.reader(nv, H["b"]))  # beta = sigmoid(b): mostly 0.3..0.7
-    # per-head decay exp(-exp(A_log) * softplus(a + dt_bias)): mostly 0.6..0.99 per step
+    la.in_proj_b.weight.copy_(t.reader(nv, H["b"]))  # beta = sigmoid(b): mostly 0.2..0.8
+    # per-head decay exp(-exp(A_log) * softplus(a + dt_bias)): mostly 0.6..0.96 per step
     la.A_log.copy_(torch.empty(nv).uniform_(0.0, math.log(8.0), generator=g))
     dt = torch.empty(nv).uniform_(0.005, 0.08, generator=g)
     la.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
@@ -106,7 +118,8 @@ def _attn(sa, ts, t, i):
     half, c = rd // 2, t.mass[0]
     freq = ts.rope_theta ** (-torch.arange(half) * 2.0 / rd)
     use = (freq > 0.05).float()
-    amp = use * H["pos"] * math.sqrt(hd / use.sum()) * (1 + H["f0"] ** 2 if i else 1) / H["mass"] * t.mass_sign[0]
+    grow = math.sqrt((1 + H["f0_mix"] ** 2) * (1 + H["f0"] ** 2)) if i else 1.0  # stream RMS after layer 0
+    amp = use * H["pos"] * math.sqrt(hd / use.sum()) * grow / H["mass"] * t.mass_sign[0]
     amp = amp * torch.linspace(1.5, 0.5, nkv).view(nkv, 1, 1)  # from positional to content heads
     phi = torch.rand(nkv, 1, half, generator=t.g) * 2 * math.pi
     q[:, 0, :half, c] += (amp * torch.cos(phi)).expand(nkv, nh // nkv, half).reshape(nh, half)
@@ -154,7 +167,7 @@ def _calibrate_text(model, ts, t, g, live):
         hooks.append(mix.register_forward_hook(_scaler(state, mix.out_proj if lin else mix.o_proj, f_mix, keep=keep)))
         hooks.append(layer.mlp.register_forward_hook(_scaler(state, layer.mlp.down_proj, f_mlp, keep=keep)))
     ids = live[torch.randint(len(live), (1, H["cal_len"]), generator=g)]
-    hn = model.model(input_ids=ids).last_hidden_state[0]
+    hn = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
     for h in hooks:
         h.remove()
     logits = hn @ model.lm_head.weight.T
@@ -188,7 +201,7 @@ def _vision(model, spec, g, t):
     for name, p in list(vt.named_parameters()) + list(merger.named_parameters()):
         if p.ndim == 1 and "norm" in name:
             w = name.endswith("weight")
-            p.copy_(_rn(g, p.numel(), std=0.1 if w else 0.15) + w)
+            p.copy_(_rn(g, p.numel(), std=0.1 if w else H["vis_ln_bias"]) + w)
             p[torch.randperm(p.numel(), generator=g)[: max(1, p.numel() // 256)]] *= 3 if w else 1.5
         elif p.ndim == 1:
             p.copy_(_rn(g, p.numel(), std=0.05))
@@ -209,7 +222,7 @@ def _vision(model, spec, g, t):
     state, f = {}, H["f_vis"]
     hooks = [m.register_forward_pre_hook(lambda m, a: state.__setitem__("res", a[0]))
              for m in [*vt.encoder.layers, vt.vit_merger]]
-    blocks = [(l.self_attn, l.self_attn.out_proj, f) for l in vt.encoder.layers]
+    blocks = [(l.self_attn, l.self_attn.out_proj, H["f_vis_attn"]) for l in vt.encoder.layers]
     blocks += [(l.mlp, l.mlp.fc2, f) for l in vt.encoder.layers]
     vm = vt.vit_merger  # its MLP replaces the 2x2 window by (mean + MLP): a full-size update
     blocks += [(vm.self_attn, vm.self_attn.out_proj, f), (vm.linear_2, vm.linear_2, 1.0)]
@@ -238,3 +251,5 @@ def init_weights(model, spec, *, seed: int, quiet: bool = False, live_tokens=Non
         _vision(model, spec, g, t)
         for p in model.parameters():  # bf16-representable: the saved bf16 checkpoint is this model
             p.copy_(p.to(torch.bfloat16).float())
+    if not quiet:
+        print(f"synthetic weights: seed {seed}, residual rank {t.r} of {t.d}, {len(live)} live tokens")
