@@ -50,7 +50,9 @@ def build_synthetic(preset: str, out: Path, *, seed: int = DEFAULT_SEED, report:
         torch.manual_seed(seed)
         with torch.device("cpu"):
             model = MiniCPMV4_6ForConditionalGeneration(config).eval()
-        init_weights(model, spec, seed=seed, quiet=quiet)
+        # only ids the tokenizer can produce get trained-like rows (the padded gap of `full` stays small)
+        live = sorted(set(range(p.bpe_vocab_size)) | set(special.values()))
+        init_weights(model, spec, seed=seed, quiet=quiet, live_tokens=live)
         rep = None
         if report:
             from .behaviour import behaviour_report
