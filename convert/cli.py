@@ -12,7 +12,8 @@ from pathlib import Path
 from .errors import ConvertError
 
 
-def _model(args) -> "Checkpoint":  # noqa: F821
+def open_model(args) -> "Checkpoint":  # noqa: F821
+    """`--model`, or the embedded default (built on first use) with a line saying so. Shared by the CLIs."""
     from .checkpoint import Checkpoint
 
     if args.model is None:
@@ -71,7 +72,7 @@ def cmd_gguf(args) -> int:
         raise ConvertError(f"--quant {args.quant} and --outtype {args.outtype} disagree; give one")
     args.quant = args.quant or args.outtype or "f16"
     overrides = _overrides(args)
-    ckpt = _model(args)
+    ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / ckpt.name
     if args.dry_run:
         print(describe_plan(plan_outputs(ckpt, out, args.quant, args.mode, mmproj_quant=args.mmproj_quant,
@@ -122,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and dispatch; a ConvertError becomes one line on stderr and its exit code. Shared by the CLIs."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ConvertError as e:

@@ -10,22 +10,10 @@ Exit codes: 0 success, 2 bad input or options (one line `error: ...` on stderr),
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from convert.cli import open_model
 from convert.errors import ConvertError
-
-
-def _model(args):
-    from convert.checkpoint import Checkpoint
-
-    if args.model is None:
-        from convert.synth.build import default_model
-
-        path = default_model(quiet=args.quiet)
-        print(f"no --model given: using the embedded default, the tiny synthetic MiniCPM-V 4.6 ({path})")
-        return Checkpoint(path)
-    return Checkpoint(args.model)
 
 
 def cmd_imatrix(args) -> int:
@@ -43,7 +31,7 @@ def cmd_imatrix(args) -> int:
     if args.mode not in (None, "16x", "4x"):
         raise ConvertError(f"--mode {args.mode}: choose 16x or 4x")
     t0 = time.perf_counter()
-    ckpt = _model(args)
+    ckpt = open_model(args)
     samples, dataset = load_calibration(args.calib, tokenizer=ckpt.tokenizer, n=args.samples,
                                         seqlen=args.seqlen, seed=args.seed)
     stats: dict = {}
@@ -90,12 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from convert.cli import run
+
+    return run(build_parser(), argv)
