@@ -109,6 +109,19 @@ def _levels(t: np.ndarray, lo: int, hi: int, out: np.ndarray, exact: bool) -> No
         np.clip(out, F32(lo), F32(hi), out=out)
 
 
+def _weighted_err(lf, scale, mn, x, w, use_mad: bool, out: np.ndarray) -> np.ndarray:
+    """sum w * |scale*l + min - x| (or its square) per group, in C's operation order; `out` is scratch."""
+    np.multiply(lf, scale, out=out)
+    out += mn
+    out -= x
+    if use_mad:
+        np.abs(out, out=out)
+    else:
+        out *= out
+    out *= w
+    return seqsum(out)
+
+
 def qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
                use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants / make_qkx3_quants (identical when weights are given).
@@ -138,15 +151,7 @@ def qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
         np.subtract(x, mn, out=t)
         t *= iscale  # in [0, nmax] for live groups
         _levels(t, 0, nmax, lf, exact=not finite)
-        lf *= scale
-        lf += mn
-        lf -= x
-        if use_mad:
-            np.abs(lf, out=lf)
-        else:
-            lf *= lf
-        lf *= w
-        best = seqsum(lf)
+        best = _weighted_err(lf, scale, mn, x, w, use_mad, out=lf)
         for step in range(nstep + 1):
             num = F32(rmin) + F32(rdelta) * F32(step) + fnmax
             rng = mx - mn
@@ -170,15 +175,7 @@ def qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             if pos.any():
                 this_min = np.where(pos, F32(0), this_min)
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            np.multiply(lf, this_scale, out=t)
-            t += this_min
-            t -= x
-            if use_mad:
-                np.abs(t, out=t)
-            else:
-                t *= t
-            t *= w
-            cur = seqsum(t)
+            cur = _weighted_err(lf, this_scale, this_min, x, w, use_mad, out=t)
             upd = (D > 0) & (cur < best) & live
             if upd.any():
                 best_is = np.where(upd, iscale, best_is)

@@ -11,6 +11,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
+from quantize.ggml import SUPPORTED, fits
 from quantize.mixtures import MIXTURES, Mixture, Overrides, TypeChooser
 
 from .. import manifest
@@ -59,8 +60,6 @@ def parse_type(t: str, flag: str) -> T:
         qt = T[t.strip().upper()]
     except KeyError:
         raise ConvertError(f"unknown ggml type {t!r} for {flag}") from None
-    from quantize.ggml import SUPPORTED
-
     if qt not in SUPPORTED:
         raise ConvertError(f"{flag}: type {qt.name} cannot be written by this tool")
     return qt
@@ -72,8 +71,6 @@ def quantized_plan(plans: list[TensorPlan], quant: Quant, n_layer: int, *, n_gqa
     ch = TypeChooser(quant.mixture, [p.name for p in plans], n_layer, n_gqa=n_gqa, has_imatrix=has_imatrix,
                      overrides=overrides)
     out = [dataclasses.replace(p, qtype=ch.choose(p.name, p.shape, p.qtype)) for p in plans]
-    from quantize.ggml import fits
-
     for p in out:  # only an explicit override can get here; llama.cpp aborts on such a file
         if not fits(p.qtype, p.shape[-1]):
             raise ConvertError(f"{p.name}: rows of {p.shape[-1]} values cannot be stored as {p.qtype.name} "
