@@ -1,6 +1,8 @@
 """`python -m convert SUBCOMMAND`: thin argument parsing over library calls.
 
-Exit codes: 0 success, 2 bad input or options (one-line message, no traceback), 1 unexpected error.
+Exit codes: 0 success, 2 bad input or options (one-line message, no traceback), 3 the written
+artifacts failed validation (kept, marked failed in manifest.json), 4 the runtime crashed or hung
+during validation, 1 unexpected error.
 """
 
 from __future__ import annotations
@@ -84,7 +86,36 @@ def cmd_gguf(args) -> int:
     for p in paths:
         print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
     print(f"wrote {out / 'manifest.json'}")
-    return 0
+    if args.no_validate:
+        return 0
+    return validate_outputs(args, ckpt, out, paths)
+
+
+def validate_outputs(args, ckpt, out: Path, paths: list[Path]) -> int:
+    """Run the validation harness on what was just written (the entry point reaches into
+    `validate`, as DESIGN.md allows); a failure keeps the files and marks them in the manifest."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConvertError("validation needs llama-cpp-python (pip install -e '.[llama]'); the files are written, "
+                           "pass --no-validate to skip it")
+    from validate.artifacts import Artifact, mark_manifest, read_gguf
+    from validate.cli import REPORT_HTML, REPORT_JSON, validate_and_report
+    from validate.harness import Profile
+
+    infos = [read_gguf(p) for p in paths]
+    art = Artifact(infos[0], {i.mode: i for i in infos[1:]}, out)
+    profile = Profile()
+    if args.threads:
+        profile.threads = args.threads
+    print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
+    report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
+                                 imatrix=args.imatrix, json_out=out / REPORT_JSON, html_out=out / REPORT_HTML)
+    status = "pass" if report["exit_code"] == 0 else "fail"
+    mark_manifest(out, {p.name: status for p in paths})
+    if status == "fail":
+        print(f"validation failed: the files are kept and marked failed in {out / 'manifest.json'}")
+    return report["exit_code"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="general.name written into the files (default: from the checkpoint)")
     g.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     g.add_argument("--allow-nonfinite", action="store_true", help="write tensors holding NaN/Inf instead of refusing")
+    g.add_argument("--no-validate", action="store_true", help="skip validating the files against the PyTorch reference")
+    g.add_argument("--scenarios", default="default", help="validation scenario set (default, quick, text, images)")
+    g.add_argument("--threads", type=int, help="threads for the validation runtime (default min(4, cores))")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_gguf)
     return ap

@@ -59,8 +59,12 @@ def write(folder: Path, source: dict, artifacts: list[dict]) -> Path:
     new_names = {a["file"] for a in artifacts}
     kept = [a for a in prev.get("artifacts", []) if a["file"] not in new_names and (folder / a["file"]).is_file()]
     allarts = sorted(kept + artifacts, key=lambda a: a["file"])
-    doc = {"tool": TOOL, "source": source, "versions": versions(), "artifacts": allarts}
-    p = folder / MANIFEST
+    return write_doc(folder, {"tool": TOOL, "source": source, "versions": versions(), "artifacts": allarts})
+
+
+def write_doc(folder: Path, doc: dict) -> Path:
+    """Write a manifest document atomically (temporary name, then rename)."""
+    p = Path(folder) / MANIFEST
     tmp = p.with_name(f".{MANIFEST}.partial")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, p)

@@ -6,6 +6,13 @@ reference) behind the same few calls, so the validators can compare any two of t
     with load_runtime("llama.cpp", decoder_path, mmproj_path) as rt:
         ids = rt.tokenize("<|im_start|>user\\nhi<|im_end|>")
         rows = rt.logits(ids)                 # [len(ids), n_vocab] float32
+        res = rt.prefill([ids_before, image, ids_after])   # the runtime lays the image out itself
+        more = rt.extend([next_token])        # continues the same memory (KV cache + recurrent state)
+
+What the validation harness needs from a runtime, in order of necessity: `tokenize`, `logits`,
+`extend`/`reset` (multi-turn and teacher-forced greedy steps), and for images `image_layout`,
+`image_embeddings` and `prefill` with image parts. `capabilities` says which scenario kinds it can
+run ("text", "image", "video"); the harness skips the others with the runtime's `unsupported()` reason.
 
 Adding a runtime is one new module with a `Runtime` subclass plus one line in `RUNTIMES`.
 Runtime modules are imported only when asked for, so a missing optional dependency (llama-cpp-python,
@@ -16,7 +23,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 import numpy as np
 
@@ -27,11 +35,44 @@ if TYPE_CHECKING:
 
     from PIL.Image import Image
 
-__all__ = ["Runtime", "RuntimeUnavailableError", "RUNTIMES", "runtime_class", "load_runtime"]
+__all__ = ["Runtime", "RuntimeUnavailableError", "RUNTIMES", "runtime_class", "load_runtime", "Chunk", "Prefill", "Part"]
 
 
 class RuntimeUnavailableError(ConvertError):
     """A runtime's optional dependency is missing or the wrong version (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a prompt as a runtime lays it out: text tokens, or the embedding rows of one
+    image chunk (an overview or a slice)."""
+
+    kind: str  # "text" | "image" | "audio"
+    n_tokens: int  # text tokens, or embedding rows the media chunk feeds to the decoder
+    n_pos: int  # decoder positions it takes (== n_tokens without M-RoPE)
+    tokens: tuple[int, ...] = ()  # text chunks only
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Result of `Runtime.prefill`: the layout and the logits at every text position."""
+
+    chunks: list[Chunk]
+    text_tokens: list[int]  # every text token of the prompt, in order
+    text_positions: np.ndarray  # int64 [len(text_tokens)]: decoder position of each
+    logits: np.ndarray  # float32 [len(text_tokens), n_vocab]: logits at those positions
+    n_past: int  # positions used; the next token goes here
+
+    def after_last_media(self) -> tuple[list[int], np.ndarray]:
+        """(tokens, logits) of the trailing text chunk, i.e. the text after the last image."""
+        if not self.chunks or self.chunks[-1].kind != "text":
+            return [], self.logits[:0]
+        n = self.chunks[-1].n_tokens
+        return self.text_tokens[len(self.text_tokens) - n:], self.logits[len(self.logits) - n:]
+
+
+# A prompt part: token ids, or an image the runtime lays out and encodes itself.
+Part = Union[Sequence[int], "Image"]
 
 
 class Runtime(ABC):
@@ -39,6 +80,14 @@ class Runtime(ABC):
     unless its docstring says otherwise. Not thread-safe."""
 
     name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset({"text"})
+    n_vocab: int
+    # wall-clock seconds of the last greedy(): {"prefill_s", "n_prefill", "decode_s", "n_decode"}
+    last_timings: dict[str, float]
+
+    def unsupported(self, kind: str) -> str:
+        """Why scenarios of `kind` cannot run here (shown as the skip reason)."""
+        return f"the {self.name} runtime does not support {kind} input"
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -65,10 +114,29 @@ class Runtime(ABC):
             seq.append(nxt)
         return out
 
+    def reset(self) -> None:
+        """Clear the model's memory (KV cache and recurrent state)."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no state between calls")
+
+    def extend(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to the current memory and return their logits [len(tokens), n_vocab]."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no state between calls")
+
+    def image_layout(self, image: Image) -> list[Chunk]:
+        """How this runtime lays out one image: wrapper tokens as text chunks, overview and slices
+        as image chunks, without encoding anything."""
+        raise NotImplementedError(self.unsupported("image"))
+
     def image_embeddings(self, image: Image) -> list[np.ndarray]:
         """The projector's output for one image: one float32 [n_tokens, n_embd] array per slice,
         overview first, then the slices row by row."""
-        raise NotImplementedError(f"the {self.name} runtime has no vision support")
+        raise NotImplementedError(self.unsupported("image"))
+
+    def prefill(self, parts: Sequence[Part], *, fresh: bool = True) -> Prefill:
+        """Evaluate a prompt made of token-id parts and images (each image laid out as
+        `image_layout` says), with logits at every text position. fresh=False continues the
+        current memory; `extend` can follow."""
+        raise NotImplementedError(self.unsupported("image"))
 
     def close(self) -> None:
         """Free native resources; the object is unusable afterwards. Idempotent."""

@@ -33,7 +33,7 @@ import collections
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -41,7 +41,7 @@ import numpy as np
 
 from convert.errors import ConvertError
 
-from .base import Runtime, RuntimeUnavailableError
+from .base import Chunk, Part, Prefill, Runtime, RuntimeUnavailableError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -140,32 +140,9 @@ def _import_mtmd() -> Any:
 # results
 
 
-@dataclass(frozen=True)
-class MtmdChunk:
-    """One entry of mtmd's tokenization of a multimodal prompt."""
-
-    kind: str  # "text" | "image" | "audio"
-    n_tokens: int  # text tokens, or embedding rows the media chunk feeds to the decoder
-    n_pos: int  # decoder positions it takes (== n_tokens for MiniCPM-V: no M-RoPE)
-    tokens: tuple[int, ...] = ()  # text chunks only
-
-
-@dataclass(frozen=True)
-class MultimodalEval:
-    """Result of `LlamaCppRuntime.eval_multimodal`."""
-
-    chunks: list[MtmdChunk]
-    text_tokens: list[int]  # every text token of the prompt, in order
-    text_positions: np.ndarray  # int64 [len(text_tokens)]: decoder position of each
-    logits: np.ndarray  # float32 [len(text_tokens), n_vocab]: logits at those positions
-    n_past: int  # positions used; the next token goes here
-
-    def after_last_media(self) -> tuple[list[int], np.ndarray]:
-        """(tokens, logits) of the trailing text chunk, i.e. the text after the last image."""
-        if not self.chunks or self.chunks[-1].kind != "text":
-            return [], self.logits[:0]
-        n = self.chunks[-1].n_tokens
-        return self.text_tokens[len(self.text_tokens) - n:], self.logits[len(self.logits) - n:]
+# mtmd's names for the interface's types (kept for callers of earlier versions)
+MtmdChunk = Chunk
+MultimodalEval = Prefill
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +159,16 @@ class LlamaCppRuntime(Runtime):
     """
 
     name = "llama.cpp"
+    capabilities = frozenset({"text", "image"})
+
+    def unsupported(self, kind: str) -> str:
+        if kind == "video":
+            # mtmd's video path is Qwen-VL's temporal merge; MiniCPM-V frames would go in as
+            # separately sliced images, not the model's video layout
+            return "llama.cpp's mtmd (llama-cpp-python 0.3.36) has no video input for the minicpmv4_6 projector"
+        if kind == "image" and not self._mctx:
+            return "no mmproj GGUF loaded"
+        return super().unsupported(kind)
 
     def __init__(self, decoder: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
                  n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
@@ -235,6 +222,7 @@ class LlamaCppRuntime(Runtime):
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._n_past = 0
+        self.last_timings: dict[str, float] = {}
 
         if mmproj is not None:
             mtmd = _import_mtmd()
@@ -393,13 +381,17 @@ class LlamaCppRuntime(Runtime):
         self._check_open()
         if not tokens and self._n_past == 0:
             raise ValueError("greedy needs at least one prompt token")
+        t0 = time.perf_counter()
         if tokens:
             self._decode(list(tokens), all_logits=False)
+        t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(n):
             nxt = int(np.argmax(self._last_logits()))
             out.append(nxt)
             self._decode([nxt], all_logits=False)
+        self.last_timings = {"prefill_s": t1 - t0, "n_prefill": len(tokens), "decode_s": time.perf_counter() - t1,
+                             "n_decode": n}
         return out
 
     # -- multimodal -----------------------------------------------------------------------------
@@ -497,6 +489,62 @@ class LlamaCppRuntime(Runtime):
         ptr = _mtmd.mtmd_get_output_embd(self._mctx)
         return np.ctypeslib.as_array(ptr, shape=(info.n_tokens, self.n_embd)).copy()
 
+    def _eval_chunks(self, listed: list[tuple[Any, Chunk]], toks: list[int], pos: list[int],
+                     rows: list[np.ndarray]) -> None:
+        """Decode mtmd chunks at n_past: text with logits at every position, images through
+        mtmd's helper (`mtmd_helper_eval_chunk_single`: encode, then decode the embeddings)."""
+        for c, info in listed:
+            if info.kind == "text":
+                self._text_part(list(info.tokens), toks, pos, rows)
+                continue
+            new_past = _ll.llama_pos(0)
+            _Log.clear()
+            rc = _mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, c, self._n_past, 0, self.n_batch,
+                                                     False, ctypes.byref(new_past))
+            if rc != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunk_single failed with code {rc}{_Log.reason()}")
+            self._n_past = int(new_past.value)
+
+    def _text_part(self, tokens: list[int], toks: list[int], pos: list[int], rows: list[np.ndarray]) -> None:
+        if not tokens:
+            return
+        pos.extend(range(self._n_past, self._n_past + len(tokens)))
+        toks.extend(tokens)
+        rows.append(self._decode(tokens, all_logits=True))
+
+    def _result(self, chunks: list[Chunk], toks: list[int], pos: list[int], rows: list[np.ndarray]) -> Prefill:
+        logits = np.concatenate(rows) if rows else np.empty((0, self.n_vocab), dtype=np.float32)
+        return Prefill(chunks, toks, np.asarray(pos, dtype=np.int64), logits, self._n_past)
+
+    def prefill(self, parts: Sequence[Part], *, fresh: bool = True) -> Prefill:
+        """Token-id parts are decoded as given (so both sides of a comparison use the same ids);
+        each image is laid out by mtmd as `image_layout` shows (its wrapper tokens included)."""
+        if fresh:
+            self.reset()
+        self._check_open()
+        chunks: list[Chunk] = []
+        toks: list[int] = []
+        pos: list[int] = []
+        rows: list[np.ndarray] = []
+        for part in parts:
+            if isinstance(part, (list, tuple, np.ndarray)):
+                ids = [int(t) for t in part]
+                self._text_part(ids, toks, pos, rows)
+                if ids:
+                    chunks.append(Chunk("text", len(ids), len(ids), tuple(ids)))
+                continue
+            mc = self._tokenize_mm(self.media_marker, [part])
+            try:
+                listed = self._chunk_list(mc)
+                need = self._n_past + sum(info.n_pos for _, info in listed)
+                if need > self.n_ctx:
+                    raise ValueError(f"{need} positions exceed the context ({self.n_ctx}); pass a larger n_ctx")
+                self._eval_chunks(listed, toks, pos, rows)
+                chunks.extend(info for _, info in listed)
+            finally:
+                _mtmd.mtmd_input_chunks_free(mc)
+        return self._result(chunks, toks, pos, rows)
+
     def eval_multimodal(self, text: str, images: Sequence["Image"], *, fresh: bool = True) -> MultimodalEval:
         """Evaluate a prompt with media markers: image chunks through mtmd's helper
         (`mtmd_helper_eval_chunk_single`: encode, then decode the embeddings at their positions, as
@@ -514,21 +562,7 @@ class LlamaCppRuntime(Runtime):
             toks: list[int] = []
             pos: list[int] = []
             rows: list[np.ndarray] = []
-            for c, info in listed:
-                if info.kind == "text":
-                    pos.extend(range(self._n_past, self._n_past + info.n_tokens))
-                    toks.extend(info.tokens)
-                    rows.append(self._decode(list(info.tokens), all_logits=True))
-                else:
-                    new_past = _ll.llama_pos(0)
-                    _Log.clear()
-                    rc = _mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, c, self._n_past, 0, self.n_batch,
-                                                             False, ctypes.byref(new_past))
-                    if rc != 0:
-                        raise RuntimeError(f"mtmd_helper_eval_chunk_single failed with code {rc}{_Log.reason()}")
-                    self._n_past = int(new_past.value)
-            logits = np.concatenate(rows) if rows else np.empty((0, self.n_vocab), dtype=np.float32)
-            return MultimodalEval([info for _, info in listed], toks, np.asarray(pos, dtype=np.int64), logits,
-                                  self._n_past)
+            self._eval_chunks(listed, toks, pos, rows)
+            return self._result([info for _, info in listed], toks, pos, rows)
         finally:
             _mtmd.mtmd_input_chunks_free(chunks)

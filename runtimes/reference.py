@@ -63,5 +63,44 @@ class ReferenceRuntime(Runtime):
                 pixel_values=inp["pixel_values"], target_sizes=inp["target_sizes"], downsample_mode=mode)
         return [f.float().numpy() for f in feats.pooler_output]
 
+    # -- sequences with precomputed image embeddings (the validation harness lays prompts out
+    #    the way the runtime under test does, and feeds its image features here) --------------
+
+    def _embeds(self, segments) -> "torch.Tensor":  # noqa: F821
+        """[1, N, hidden] input embeddings of segments: token-id lists or float [n, hidden] arrays."""
+        torch = self.torch
+        emb = self.model.get_input_embeddings()
+        parts = []
+        for seg in segments:
+            if isinstance(seg, np.ndarray) and seg.dtype.kind == "f":
+                parts.append(torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32)))
+            else:
+                parts.append(emb(torch.tensor(list(seg), dtype=torch.long)).float())
+        return torch.cat(parts, 0)[None]
+
+    def sequence_logits(self, segments) -> np.ndarray:
+        """float32 [N, n_vocab]: logits at every position of the concatenated segments (one forward)."""
+        with self.torch.no_grad():
+            out = self.model(inputs_embeds=self._embeds(segments), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def sequence_greedy(self, segments, n: int) -> list[int]:
+        """Greedy continuation of the concatenated segments (cached steps, no stop at EOS)."""
+        torch = self.torch
+        toks: list[int] = []
+        with torch.no_grad():
+            out = self.model(inputs_embeds=self._embeds(segments), use_cache=True)
+            for _ in range(n):
+                toks.append(int(out.logits[0, -1].argmax()))
+                out = self.model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        return toks
+
+    def features(self, pixel_values, target_sizes, mode: str) -> list[np.ndarray]:
+        """The projector's output for already-preprocessed (packed) pixels, one array per chunk."""
+        with self.torch.no_grad():
+            feats = self.model.model.get_image_features(pixel_values=pixel_values, target_sizes=target_sizes,
+                                                        downsample_mode=mode)
+        return [f.float().numpy() for f in feats.pooler_output]
+
     def close(self) -> None:
         self.model = None

@@ -165,7 +165,8 @@ def test_cli_one_line_errors(tmp_path, tiny_dir, args, message):
 
 
 def test_cli_writes_and_names_files(tmp_path, tiny_dir):
-    r = _cli("gguf", "--model", str(tiny_dir), "--outtype", "BF16", "--mode", "4x", "--out", str(tmp_path / "o"), "--quiet")
+    r = _cli("gguf", "--model", str(tiny_dir), "--outtype", "BF16", "--mode", "4x", "--out", str(tmp_path / "o"), "--quiet",
+             "--no-validate")
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert names == ["MiniCPM-V-4.6-BF16.gguf", "manifest.json", "mmproj-MiniCPM-V-4.6-BF16.gguf"]
@@ -193,7 +194,8 @@ def test_plain_save_pretrained_fp32_folder(tmp_path, tiny_dir):
 
 
 def test_main_command_uses_embedded_default(tmp_path):
-    """`python -m convert gguf` with no --model builds the tiny synthetic model and says so."""
+    """`python -m convert gguf` with no --model builds the tiny synthetic model, says so, and
+    validates what it wrote (reports beside the files, the verdict in the manifest)."""
     import os
 
     env = {**os.environ, "MINICPMV_EDGE_CACHE": str(tmp_path / "cache")}
@@ -203,7 +205,11 @@ def test_main_command_uses_embedded_default(tmp_path):
     assert "embedded default" in r.stdout and "tiny synthetic" in r.stdout
     out = tmp_path / "out" / "MiniCPM-V-4.6-synth-tiny-seed0"
     assert sorted(p.name for p in out.iterdir()) == [
-        "MiniCPM-V-4.6-F16.gguf", "manifest.json", "mmproj-MiniCPM-V-4.6-F16.gguf"]
+        "MiniCPM-V-4.6-F16.gguf", "manifest.json", "mmproj-MiniCPM-V-4.6-F16.gguf", "validation.html", "validation.json"]
+    assert "validation passed" in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert {a["file"]: a.get("validation") for a in m["artifacts"]} == {
+        "MiniCPM-V-4.6-F16.gguf": "pass", "mmproj-MiniCPM-V-4.6-F16.gguf": "pass"}
 
 
 def test_synth_cli_prints_behaviour_report(tmp_path):

@@ -129,7 +129,9 @@ def check_out_dir(out_dir: Path, outputs: list[Output], force: bool) -> None:
         return
     if not out_dir.is_dir():
         raise ConvertError(f"--out {out_dir}: exists and is not a folder")
-    ours = {o.path.name for o in outputs} | manifest.own_files(out_dir) | {manifest.MANIFEST}
+    # validation.json/.html: the harness's reports on an earlier export into this folder
+    ours = {o.path.name for o in outputs} | manifest.own_files(out_dir) | {manifest.MANIFEST, "validation.json",
+                                                                          "validation.html"}
     other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not p.name.endswith(".partial"))
     if other and not force:
         raise ConvertError(f"--out {out_dir} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "

@@ -1,0 +1,21 @@
+"""Runtimes that misbehave, for the harness's crash and hang handling (loaded in its child
+process by "tests.fake_runtimes:Class", as any runtime registered in runtimes.base.RUNTIMES)."""
+
+import os
+import time
+
+from runtimes.llamacpp import LlamaCppRuntime
+
+
+class CrashingRuntime(LlamaCppRuntime):
+    """Aborts the process in the middle of a prompt, as a native crash (SIGABRT) would."""
+
+    def prefill(self, parts, *, fresh=True):
+        os.abort()
+
+
+class HangingRuntime(LlamaCppRuntime):
+    """Never answers."""
+
+    def prefill(self, parts, *, fresh=True):
+        time.sleep(3600)

@@ -1,0 +1,181 @@
+"""Which artifacts to validate: a folder of GGUFs (this project's, llama.cpp's converter's, or
+downloaded ones) or explicit --decoder/--mmproj files; their types, the manifest check, and the
+"is this even the same model" check that turns a mix-up into a one-line error."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGUFReader, LlamaFileType
+
+from convert import manifest
+from convert.checkpoint import Checkpoint
+from convert.errors import ConvertError
+
+DECODER_ARCH = "qwen35"
+
+
+@dataclass
+class GGUFInfo:
+    path: Path
+    arch: str
+    kv: dict  # scalar keys only (arrays are left out: the token list is large)
+    tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (ggml shape, type name)
+
+    @property
+    def kind(self) -> str:
+        return "decoder" if self.arch == DECODER_ARCH else "mmproj"
+
+    @property
+    def mode(self) -> str | None:
+        """An mmproj's token mode, from its tensors: the 16x compressor has its own weights."""
+        if self.kind != "mmproj":
+            return None
+        return "16x" if any(n.startswith("v.vit_merger.") or ".vit_merger." in n for n in self.tensors) else "4x"
+
+    @property
+    def type_label(self) -> str:
+        """The file type as llama.cpp names it (F32, F16, BF16, Q8_0, Q4_K_M, ...)."""
+        ft = self.kv.get("general.file_type")
+        try:
+            name = LlamaFileType(int(ft)).name
+        except (TypeError, ValueError):
+            return "unknown"
+        return name.removeprefix("ALL_").removeprefix("MOSTLY_")
+
+
+def read_gguf(path: str | Path) -> GGUFInfo:
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file")
+    try:
+        r = GGUFReader(path)
+    except (ValueError, struct.error, OSError, IndexError, KeyError) as e:
+        raise ConvertError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+    from gguf import GGUFValueType
+
+    kv = {}
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or not f.types or f.types[0] == GGUFValueType.ARRAY:
+            continue
+        v = f.parts[f.data[0]]
+        kv[name] = bytes(v).decode("utf-8", "replace") if f.types[0] == GGUFValueType.STRING else v.tolist()[0]
+    arch = kv.get("general.architecture")
+    if arch not in (DECODER_ARCH, "clip"):
+        raise ConvertError(f"{path.name}: general.architecture {arch!r} is not MiniCPM-V 4.6 "
+                           f"(a {DECODER_ARCH} decoder or a clip projector)")
+    if arch == "clip" and kv.get("clip.projector_type") not in (None, "minicpmv4_6"):
+        raise ConvertError(f"{path.name}: projector type {kv.get('clip.projector_type')!r} is not minicpmv4_6")
+    tensors = {t.name: (tuple(int(x) for x in t.shape.tolist()), t.tensor_type.name) for t in r.tensors}
+    return GGUFInfo(path, arch, kv, tensors)
+
+
+@dataclass
+class Artifact:
+    """One decoder GGUF with the projector(s) it runs with."""
+
+    decoder: GGUFInfo
+    mmproj: dict[str, GGUFInfo] = field(default_factory=dict)  # mode -> projector
+    folder: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.decoder.path.stem
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.decoder.path] + [m.path for m in self.mmproj.values()]
+
+    @property
+    def size_bytes(self) -> int:
+        return self.decoder.path.stat().st_size
+
+    def describe(self) -> dict:
+        return {"decoder": str(self.decoder.path), "mmproj": {m: str(i.path) for m, i in self.mmproj.items()}}
+
+
+def discover(folder: str | Path | None = None, decoder: str | Path | None = None,
+             mmproj: list[str | Path] | None = None) -> list[Artifact]:
+    """Artifacts in `folder` (every decoder GGUF, sharing the folder's projectors), or the one
+    given by `decoder` and `mmproj`."""
+    if (folder is None) == (decoder is None):
+        raise ConvertError("give an artifacts folder or --decoder FILE (not both)")
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConvertError(f"{folder}: no such folder")
+        infos = [read_gguf(p) for p in sorted(folder.glob("*.gguf"))]
+        decoders = [i for i in infos if i.kind == "decoder"]
+        if not decoders:
+            raise ConvertError(f"{folder}: no decoder GGUF (general.architecture {DECODER_ARCH}) in the folder")
+        projs = [i for i in infos if i.kind == "mmproj"]
+    else:
+        d = read_gguf(decoder)
+        if d.kind != "decoder":
+            raise ConvertError(f"--decoder {decoder}: this is a projector (clip) file, not a decoder")
+        decoders, projs = [d], [read_gguf(p) for p in mmproj or []]
+        for p in projs:
+            if p.kind != "mmproj":
+                raise ConvertError(f"--mmproj {p.path}: this is a decoder, not a projector")
+    by_mode: dict[str, GGUFInfo] = {}
+    for p in projs:
+        if p.mode in by_mode:
+            raise ConvertError(f"two {p.mode} projectors ({by_mode[p.mode].path.name}, {p.path.name}); "
+                               "pass --decoder and --mmproj to choose")
+        by_mode[p.mode] = p
+    return [Artifact(d, dict(by_mode), Path(folder) if folder is not None else d.path.parent) for d in decoders]
+
+
+def check_same_model(ckpt: Checkpoint, art: Artifact) -> None:
+    """Refuse artifacts made from another model (bad input, not a validation failure)."""
+    t, v = ckpt.spec.text, ckpt.spec.vision
+    want = {"qwen35.block_count": t.num_layers, "qwen35.embedding_length": t.hidden_size,
+            "qwen35.attention.head_count": t.num_heads}
+    dkv = art.decoder.kv
+    for k, val in want.items():
+        if k in dkv and dkv[k] != val:
+            raise ConvertError(f"{art.decoder.path.name} was made from another model: {k} is {dkv[k]}, "
+                               f"the checkpoint {ckpt.name} has {val}")
+    emb = art.decoder.tensors.get("token_embd.weight")
+    if emb and emb[0][-1] != t.vocab_size:
+        raise ConvertError(f"{art.decoder.path.name} was made from another model: vocabulary {emb[0][-1]}, "
+                           f"the checkpoint {ckpt.name} has {t.vocab_size}")
+    for p in art.mmproj.values():
+        pw = {"clip.vision.block_count": v.num_layers, "clip.vision.embedding_length": v.hidden_size,
+              "clip.vision.projection_dim": t.hidden_size}
+        for k, val in pw.items():
+            if k in p.kv and p.kv[k] != val:
+                raise ConvertError(f"{p.path.name} was made from another model: {k} is {p.kv[k]}, "
+                                   f"the checkpoint {ckpt.name} has {val}")
+
+
+def manifest_check(art: Artifact) -> dict:
+    """sha256 and size of the artifact's files against the folder's manifest.json, if any."""
+    m = manifest.read(art.folder) if art.folder else None
+    if m is None:
+        return {"check": "manifest", "status": "skipped", "message": "no manifest.json beside the artifact"}
+    entries = {a["file"]: a for a in m.get("artifacts", [])}
+    problems = []
+    for f in art.files:
+        e = entries.get(f.name)
+        if e is None:
+            problems.append(f"{f.name}: not listed in manifest.json")
+        elif e.get("size") != f.stat().st_size or e.get("sha256") != manifest.sha256_file(f):
+            problems.append(f"{f.name}: sha256/size differ from manifest.json (file changed after export)")
+    if problems:
+        return {"check": "manifest", "status": "fail", "message": problems[0], "details": problems}
+    return {"check": "manifest", "status": "pass", "message": f"{len(art.files)} file(s) match manifest.json"}
+
+
+def mark_manifest(folder: Path, status_by_file: dict[str, str]) -> None:
+    """Record each artifact's validation status in the folder's manifest (kept deterministic:
+    the status only, no figures or times)."""
+    m = manifest.read(folder)
+    if m is None:
+        return
+    for a in m.get("artifacts", []):
+        if a["file"] in status_by_file:
+            a["validation"] = status_by_file[a["file"]]
+    manifest.write_doc(folder, m)

@@ -1,0 +1,110 @@
+"""`python -m validate`: every artifact against the PyTorch reference, scenario by scenario.
+
+    python -m validate [--model SRC] (ARTIFACTS_DIR | --decoder FILE [--mmproj FILE ...])
+                       [--scenarios SET|NAMES] [--threads N] [--ctx N] [--memory-budget MB]
+                       [--timeout S] [--imatrix FILE] [--json out.json] [--report out.html] [--quiet]
+
+Exit codes: 0 every scenario passed (known differences and skips allowed), 2 bad input (one line
+`error: ...`), 3 validation failed, 4 a runtime crashed or hung, 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from convert.cli import open_model, run
+from convert.errors import ConvertError
+
+REPORT_JSON, REPORT_HTML = "validation.json", "validation.html"
+
+
+def _write_json(path: Path, report: dict) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def validate_and_report(ckpt, artifacts, *, scenarios: str = "default", profile=None, quiet: bool = False,
+                        imatrix=None, json_out: Path | None = None, html_out: Path | None = None,
+                        speed_anchor: bool = True) -> dict:
+    """Run the harness, print the summary, write the reports. Shared with `python -m convert`."""
+    from .harness import run_validation
+    from .report import summary_text, write_html
+    from .scenarios import load_scenarios
+
+    chosen = load_scenarios(scenarios)
+    report = run_validation(ckpt, artifacts, chosen, profile=profile, scenario_set=scenarios, quiet=quiet,
+                            imatrix=imatrix, speed_anchor=speed_anchor)
+    print(summary_text(report))
+    if json_out:
+        _write_json(Path(json_out), report)
+        print(f"wrote {json_out}")
+    if html_out:
+        write_html(report, Path(html_out))
+        print(f"wrote {html_out}")
+    return report
+
+
+def cmd_validate(args) -> int:
+    from .artifacts import discover
+    from .harness import Profile
+
+    if args.artifacts is None and args.decoder is None:
+        raise ConvertError("give an artifacts folder or --decoder FILE")
+    if args.mmproj and args.decoder is None:
+        raise ConvertError("--mmproj goes with --decoder (a folder's projectors are found by themselves)")
+    for flag, v in (("--threads", args.threads), ("--ctx", args.ctx), ("--memory-budget", args.memory_budget),
+                    ("--timeout", args.timeout)):
+        if v is not None and v <= 0:
+            raise ConvertError(f"{flag} {v}: must be positive")
+    from .scenarios import load_scenarios
+
+    load_scenarios(args.scenarios)  # an unknown set fails before anything loads
+    artifacts = discover(args.artifacts, args.decoder, args.mmproj)
+    ckpt = open_model(args)
+    profile = Profile(runtime=args.runtime)
+    for field, v in (("threads", args.threads), ("n_ctx", args.ctx), ("memory_budget_mb", args.memory_budget),
+                     ("timeout_s", args.timeout)):
+        if v is not None:
+            setattr(profile, field, v)
+    folder = Path(args.artifacts) if args.artifacts else None
+    json_out = Path(args.json) if args.json else (folder / REPORT_JSON if folder else None)
+    html_out = Path(args.report) if args.report else (folder / REPORT_HTML if folder else None)
+    report = validate_and_report(ckpt, artifacts, scenarios=args.scenarios, profile=profile, quiet=args.quiet,
+                                 imatrix=args.imatrix, json_out=json_out, html_out=html_out,
+                                 speed_anchor=not args.no_speed_anchor)
+    return report["exit_code"]
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenarios", default="default", help="scenario set (default, quick, text, images) or a comma list")
+    p.add_argument("--threads", type=int, help="runtime threads (default min(4, cores): a phone's big cores)")
+    p.add_argument("--ctx", type=int, help="runtime context size (default 4096)")
+    p.add_argument("--memory-budget", type=float, help="fail when a runtime's peak RSS exceeds this many MB (default 3072)")
+    p.add_argument("--timeout", type=float, help="seconds per artifact before its runtime counts as hung (default 600)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m validate", description=__doc__.split("\n")[0])
+    ap.add_argument("artifacts", nargs="?", help="folder with decoder and mmproj GGUFs (this project's or anyone's)")
+    ap.add_argument("--model", help="the source checkpoint (default: the tiny synthetic model)")
+    ap.add_argument("--decoder", help="decoder GGUF (instead of a folder)")
+    ap.add_argument("--mmproj", action="append", help="projector GGUF for --decoder; repeat for 16x and 4x")
+    add_profile_args(ap)
+    ap.add_argument("--runtime", default="llama.cpp", help="runtime to load the artifacts in (default llama.cpp)")
+    ap.add_argument("--imatrix", help="the importance matrix the artifact was quantized with (exact tensor checks)")
+    ap.add_argument("--json", help=f"JSON report (default: {REPORT_JSON} in the artifacts folder)")
+    ap.add_argument("--report", help=f"HTML report (default: {REPORT_HTML} in the artifacts folder)")
+    ap.add_argument("--no-speed-anchor", action="store_true",
+                    help="do not export a temporary F16 to measure speed ratios against")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.set_defaults(func=cmd_validate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)

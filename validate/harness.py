@@ -1,0 +1,435 @@
+"""The validation harness: every artifact against the PyTorch reference, scenario by scenario.
+
+For each artifact (a decoder GGUF and its projectors):
+  1. static checks in this process: manifest hashes, every tensor against the source after the
+     documented transforms and the artifact's own quant type, every metadata key and the tokenizer;
+  2. its runtime in a child process (validate/process.py) under the phone-like profile; each
+     scenario's prompt is laid out the way that runtime lays it out, and the references (fp32
+     and fake-quant, validate/references.py) see exactly the same positions;
+  3. metrics per scenario against tolerances (recipes/tolerances.json) -> pass / fail /
+     known-difference / skipped, with one message per failure naming scenario, metric, artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from convert.errors import ConvertError
+
+from .artifacts import Artifact, check_same_model, manifest_check
+from .metrics import compare_logits, cosine
+from .process import RuntimeFailure, RuntimeProcess
+from .references import Reference
+from .scenarios import Scenario, TextPart, build_turns, load_image
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_CRASHED = 0, 2, 3, 4
+FAILING = ("fail", "crashed", "timeout")
+
+
+@dataclass
+class Profile:
+    """The phone-like CPU profile every runtime runs under."""
+
+    threads: int = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    n_ctx: int = 4096
+    memory_budget_mb: float = 3072.0
+    timeout_s: float = 600.0
+    runtime: str = "llama.cpp"
+
+    def as_dict(self) -> dict:
+        return {"threads": self.threads, "n_ctx": self.n_ctx, "memory_budget_mb": self.memory_budget_mb,
+                "timeout_s": self.timeout_s, "runtime": self.runtime}
+
+
+def tolerances() -> dict:
+    from recipes import load
+
+    return load("tolerances")
+
+
+def _lookup(table: dict, label: str) -> dict:
+    if label in table:
+        return table[label]
+    family = label.rsplit("_", 1)[0] if label.endswith(("_S", "_M", "_L", "_XS", "_XL")) else label
+    return table.get(family, table["default"])
+
+
+def _progress(quiet: bool, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, leave=False, unit="scenario")
+
+
+class Harness:
+    def __init__(self, ckpt: Checkpoint, profile: Profile | None = None, *, quiet: bool = False,
+                 imatrix: str | Path | None = None, fake_quant: bool = True):
+        self.ckpt = ckpt
+        self.profile = profile or Profile()
+        self.quiet = quiet
+        self.imatrix = imatrix
+        self.fake_quant = fake_quant
+        self.tol = tolerances()
+        self.scratch = Path(tempfile.mkdtemp(prefix="minicpmv-validate-"))
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "falling back to the PyTorch implementation" notes, every run
+        if quiet:
+            hf_logging.disable_progress_bar()
+        self._fp32: Reference | None = None
+        self._images: dict[tuple, Path] = {}
+        self._ref_cache: dict[tuple, tuple[list[int], np.ndarray]] = {}
+
+    # -- references ------------------------------------------------------------------------------
+
+    @property
+    def fp32(self) -> Reference:
+        if self._fp32 is None:
+            self._fp32 = Reference.fp32(self.ckpt, threads=self.profile.threads)
+        return self._fp32
+
+    def _image_file(self, spec: dict) -> Path:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
+        if key not in self._images:
+            p = self.scratch / f"image-{len(self._images)}.png"
+            load_image(spec).save(p)
+            self._images[key] = p
+        return self._images[key]
+
+    # -- one artifact ------------------------------------------------------------------------------
+
+    def static_checks(self, art: Artifact) -> list[dict]:
+        from .weights import check_metadata, check_tensors
+
+        checks = [manifest_check(art)]
+        tensor_fail, tensor_bound, n = [], 0, 0
+        meta = []
+        for info in [art.decoder, *art.mmproj.values()]:
+            for tc in check_tensors(self.ckpt, info.path, imatrix=self.imatrix if info.kind == "decoder" else None):
+                n += 1
+                if tc.status == "fail":
+                    tensor_fail.append(tc.message)
+                elif tc.status == "bound":
+                    tensor_bound += 1
+            meta += check_metadata(self.ckpt, info.path)
+        extra = f" ({tensor_bound} within the re-quantization bound: imatrix not given)" if tensor_bound else ""
+        checks.append({"check": "tensors", "status": "fail" if tensor_fail else "pass",
+                       "message": tensor_fail[0] if tensor_fail else f"{n} tensors equal dequant(quant(source)){extra}",
+                       "details": tensor_fail})
+        checks.append({"check": "metadata", "status": "fail" if meta else "pass",
+                       "message": meta[0] if meta else "every key and the tokenizer as the converter writes them",
+                       "details": meta})
+        return checks
+
+    def validate_artifact(self, art: Artifact, scenarios: list[Scenario], anchor: dict | None = None) -> dict:
+        check_same_model(self.ckpt, art)
+        t0 = time.monotonic()
+        row: dict = {"name": art.name, "runtime": self.profile.runtime, "files": art.describe(),
+                     "quant": art.decoder.type_label,
+                     "projector_quant": {m: i.type_label for m, i in art.mmproj.items()},
+                     "size_bytes": sum(f.stat().st_size for f in art.files), "status": "pass", "error": None,
+                     "checks": self.static_checks(art), "scenarios": []}
+        fq = None
+        if self.fake_quant and art.decoder.type_label != "F32":
+            fq = Reference.fake_quant(self.ckpt, art.files, threads=self.profile.threads, imatrix=self.imatrix)
+        deadline = time.monotonic() + self.profile.timeout_s
+        modes = sorted({s.mode for s in scenarios if s.needs_vision} | {"16x"}, key=lambda m: m != "16x")
+        done: set[str] = set()
+        peak = 0.0
+        speed: dict = {}
+        bar = _progress(self.quiet, len(scenarios), art.name[:40])
+        try:
+            for mode in modes:
+                todo = [s for s in scenarios if s.name not in done and (s.mode == mode or not s.needs_vision)]
+                if not todo:
+                    continue
+                mm = art.mmproj.get(mode)
+                kwargs = {"decoder": str(art.decoder.path), "mmproj": str(mm.path) if mm else None,
+                          "n_ctx": self.profile.n_ctx, "n_threads": self.profile.threads}
+                try:
+                    with RuntimeProcess(self.profile.runtime, kwargs, deadline=deadline) as proc:
+                        try:
+                            for sc in todo:
+                                row["scenarios"].append(self._scenario(proc, sc, art, mm, fq))
+                                done.add(sc.name)
+                                bar.update(1)
+                            if not speed:
+                                speed = self._speed(proc, scenarios, mm)
+                        finally:
+                            peak = max(peak, proc.peak_rss_mb)
+                except RuntimeFailure as e:
+                    row["status"] = e.status if e.status != "error" else "fail"
+                    row["error"] = str(e)
+                    for sc in scenarios:
+                        if sc.name not in done:
+                            row["scenarios"].append({"scenario": sc.name, "kind": sc.kind, "status": "not-run",
+                                                     "reason": f"not run: the runtime {e.status} ({e})"})
+                            done.add(sc.name)
+                    break
+        finally:
+            bar.close()
+            if fq is not None:
+                fq.close()
+        row["peak_rss_mb"] = round(peak, 1)
+        row["wall_s"] = round(time.monotonic() - t0, 2)
+        row["speed"] = speed
+        if anchor:
+            row["size_ratio_f16"] = row["size_bytes"] / anchor["size_bytes"] if anchor.get("size_bytes") else None
+            row["speed"]["ratio_f16"] = {k: (speed[k] / anchor["speed"][k]) for k in speed
+                                         if anchor.get("speed", {}).get(k)}
+        if peak > self.profile.memory_budget_mb:
+            row["checks"].append({"check": "memory", "status": "fail",
+                                  "message": f"{art.name}: peak RSS {peak:.0f} MB exceeds the budget "
+                                             f"{self.profile.memory_budget_mb:.0f} MB"})
+        if row["status"] == "pass" and (any(c["status"] == "fail" for c in row["checks"]) or
+                                        any(s["status"] == "fail" for s in row["scenarios"])):
+            row["status"] = "fail"
+        return row
+
+    # -- scenarios ---------------------------------------------------------------------------------
+
+    def _skip(self, sc: Scenario, reason: str) -> dict:
+        return {"scenario": sc.name, "kind": sc.kind, "status": "skipped", "reason": reason}
+
+    def _scenario(self, proc: RuntimeProcess, sc: Scenario, art: Artifact, mm, fq: Reference | None) -> dict:
+        kind_needed = "video" if sc.kind == "video" else "image" if sc.kind == "image" else "text"
+        if kind_needed not in proc.info["capabilities"]:
+            return self._skip(sc, proc.info["unsupported"].get(kind_needed, f"no {kind_needed} support"))
+        if sc.needs_vision and mm is None:
+            return self._skip(sc, f"no {sc.mode} projector among the artifacts (export with --mode both)")
+        tok = self.fp32.tokenizer
+        turns = build_turns(sc, tok)
+        out: dict = {"scenario": sc.name, "kind": sc.kind, "status": "pass", "failures": []}
+        fail = out["failures"]
+
+        # 1. tokenization: the runtime's own tokenizer on every text part
+        texts = [p for turn in turns for p in turn if isinstance(p, TextPart)]
+        got = proc.request("tokenize", texts=[p.text for p in texts])["ids"]
+        for p, ids in zip(texts, got):
+            if list(ids) != list(p.ids):
+                k = next((i for i, (a, b) in enumerate(zip(ids, p.ids)) if a != b), min(len(ids), len(p.ids)))
+                fail.append(f"{sc.name}: tokens: {art.name} tokenizes {p.text[:40]!r} differently from the reference "
+                            f"at token {k} ({len(ids)} vs {len(p.ids)} tokens)")
+                break
+
+        # 2. images: the runtime's layout and embeddings; the references on the same pixels
+        images = [self._image_file(s) for s in sc.images]
+        ref_chunks: dict[int, list] = {}
+        fq_chunks: dict[int, list] = {}
+        out["images"], out["layout"] = [], {"reference": {"tokens": []}, "artifact": {"tokens": []}}
+        encode_s = 0.0
+        proj_tol = _lookup(self.tol["projector"], mm.type_label) if mm else {}
+        known_diff = []
+        for i, path in enumerate(images):
+            layout = proc.request("layout", image=str(path))["chunks"]
+            emb = proc.request("embeddings", image=str(path), out=str(self.scratch / f"emb-{sc.name}-{i}"))
+            encode_s += emb["seconds"]
+            art_embs = [np.load(f) for f in emb["files"]]
+            pix = self._runtime_pixels(path, mm.path)
+            key = (str(path), str(mm.path))
+            ref_embs = self.fp32.runtime_pixels_image(key, pix, self.ckpt.spec.vision.patch_size, sc.mode)
+            counts_art = [c["n_tokens"] for c in layout if c["kind"] == "image"]
+            if [e.shape[0] for e in ref_embs] != counts_art:
+                fail.append(f"{sc.name}: layout: {art.name} lays image {i} out as {counts_art} tokens, its own pixels give "
+                            f"{[e.shape[0] for e in ref_embs]} in the reference")
+                return self._finish(out)
+            native = self.fp32.native_image(load_image(sc.images[i]), sc.mode)
+            out["layout"]["reference"]["tokens"].append([e.shape[0] for e in native])
+            out["layout"]["artifact"]["tokens"].append(counts_art)
+            for j, (a, r) in enumerate(zip(art_embs, ref_embs)):
+                c = cosine(r, a)
+                out["images"].append({"image": i, "chunk": j, "role": "overview" if j == 0 else "slice",
+                                      "tokens_reference": r.shape[0], "tokens_artifact": a.shape[0], "cosine": c,
+                                      "rel_err": float(np.linalg.norm(a - r) / np.linalg.norm(r)), "pixels": "runtime"})
+                if c < proj_tol.get("cosine_min", 0):
+                    fail.append(f"{sc.name}: image {i} chunk {j}: embedding cosine {c:.5f} < {proj_tol['cosine_min']} "
+                                f"({art.name}, projector {mm.path.name})")
+            if [e.shape[0] for e in native] != counts_art:
+                known_diff.append(f"image {i}: transformers' processor gives {[e.shape[0] for e in native]} tokens per chunk, "
+                                  f"the runtime {counts_art}")
+            else:
+                nat = [cosine(r, a) for r, a in zip(native, art_embs)]
+                for j, c in enumerate(nat):
+                    out["images"].append({"image": i, "chunk": j, "role": "overview" if j == 0 else "slice",
+                                          "tokens_reference": native[j].shape[0], "tokens_artifact": art_embs[j].shape[0],
+                                          "cosine": c, "pixels": "reference"})
+                if min(nat) < min(cosine(r, a) for r, a in zip(ref_embs, art_embs)) - 0.01:
+                    known_diff.append(f"image {i}: same token counts, but the runtime's pixels differ from the processor's "
+                                      f"(min chunk cosine {min(nat):.3f} with transformers' own preprocessing)")
+            ref_chunks[i] = _segments(layout, ref_embs)
+            if fq is not None:
+                fq_chunks[i] = _segments(layout, fq.runtime_pixels_image(key, pix, self.ckpt.spec.vision.patch_size, sc.mode))
+        if encode_s:
+            out["speed"] = {"image_encode_s": encode_s}
+
+        # 3. logits at every text position and over the greedy steps (teacher-forced)
+        def segs(chunks_by_image):
+            s = []
+            for turn in turns:
+                for p in turn:
+                    s += [list(p.ids)] if isinstance(p, TextPart) else chunks_by_image[p.index]
+            return s
+
+        ref_segs = segs(ref_chunks)
+        ckey = (sc.name, tuple(str(p) for p in images), str(mm.path) if (mm and images) else None)
+        if ckey not in self._ref_cache:
+            self._ref_cache[ckey] = self.fp32.run(ref_segs, sc.greedy)
+        ref_toks, ref_logits = self._ref_cache[ckey]
+        wire = [[list(p.ids) if isinstance(p, TextPart) else {"image": str(images[p.index])} for p in turn] for turn in turns]
+        res = proc.request("run", turns=wire, teacher=ref_toks[:-1], out=str(self.scratch / f"logits-{sc.name}.npy"))
+        art_logits = np.load(res["file"], mmap_mode="r")
+        n_text = sum(len(s) for s in ref_segs if not (isinstance(s, np.ndarray) and s.dtype.kind == "f"))
+        out["positions"] = int(ref_logits.shape[0])
+        if art_logits.shape != ref_logits.shape:
+            fail.append(f"{sc.name}: logits: {art.name} returned {art_logits.shape[0]} rows for {ref_logits.shape[0]} "
+                        f"positions ({n_text} prompt tokens)")
+            return self._finish(out, known_diff, sc)
+        summary, series = compare_logits(ref_logits, art_logits)
+        out["metrics"] = {"fp32": summary}
+        out["series"] = series
+        if fq is not None:
+            _, fq_logits = fq.run(segs(fq_chunks), sc.greedy, teacher=ref_toks)
+            out["metrics"]["fake-quant"] = compare_logits(fq_logits, art_logits)[0]
+        art_toks = [int(np.argmax(art_logits[len(art_logits) - sc.greedy + k])) for k in range(sc.greedy)]
+        div = next((k for k, (a, b) in enumerate(zip(ref_toks, art_toks)) if a != b), None)
+        # the artifact's tokens are its argmax at each step with the reference's tokens fed (teacher
+        # forcing), so they equal free-running greedy decoding up to and including the first divergence
+        out["greedy"] = {"steps": sc.greedy, "teacher_forced": True, "reference": ref_toks, "artifact": art_toks,
+                         "first_divergence": div,
+                         "reference_text": tok.decode(ref_toks), "artifact_text": tok.decode(art_toks)}
+        tol = _lookup(self.tol["decoder"], art.decoder.type_label)
+        for ref_name, limits in tol.items():
+            m = out["metrics"].get(ref_name)
+            if m is None:
+                continue
+            for metric, limit in limits.items():
+                bad = m[metric] < limit if metric == "top1_agreement" else m[metric] > limit
+                if bad:
+                    fail.append(f"{sc.name}: {metric} vs {ref_name} reference = {m[metric]:.4g} "
+                                f"({'below' if metric == 'top1_agreement' else 'above'} {limit}) for {art.name}")
+        return self._finish(out, known_diff, sc)
+
+    def _finish(self, out: dict, known_diff: list[str] | None = None, sc: Scenario | None = None) -> dict:
+        if out["failures"]:
+            out["status"] = "fail"
+        elif known_diff:
+            if sc is not None and sc.preprocessing == "differs":
+                out["status"] = "known-difference"
+                out["reason"] = "; ".join(known_diff)
+            else:
+                out["status"] = "fail"
+                out["failures"] = [f"{out['scenario']}: preprocessing: {d}" for d in known_diff]
+        return out
+
+    def _runtime_pixels(self, image_path: Path, mmproj_path: Path) -> list[np.ndarray]:
+        """The runtime's own preprocessed pixels per chunk (llama.cpp's mtmd, replicated in numpy)."""
+        from PIL import Image
+
+        from .mtmd_preproc import MtmdVisionParams, preprocess
+
+        with Image.open(image_path) as im:
+            return preprocess(im.convert("RGB"), MtmdVisionParams.from_gguf(mmproj_path))
+
+    def _speed(self, proc: RuntimeProcess, scenarios: list[Scenario], mm) -> dict:
+        """Prefill and decode tokens/s on the text-chat prompt (or the first text scenario), and
+        the image-encode time of a 448x448 image."""
+        text = next((s for s in scenarios if s.kind == "text"), None)
+        out = {}
+        if text is not None:
+            ids = [t for p in build_turns(text, self.fp32.tokenizer)[0] if isinstance(p, TextPart) for t in p.ids]
+            tm = proc.request("greedy", tokens=ids, n=text.greedy)["timings"]
+            if tm.get("prefill_s"):
+                out["prefill_tok_s"] = tm["n_prefill"] / tm["prefill_s"]
+            if tm.get("decode_s"):
+                out["decode_tok_s"] = tm["n_decode"] / tm["decode_s"]
+        if mm is not None and "image" in proc.info["capabilities"]:
+            path = self._image_file({"file": "astronaut.jpg", "size": [448, 448]})
+            out["image_encode_s"] = proc.request("embeddings", image=str(path), out=str(self.scratch / "speed"))["seconds"]
+        return out
+
+    def close(self) -> None:
+        import shutil
+
+        if self._fp32 is not None:
+            self._fp32.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _segments(layout: list[dict], embs: list[np.ndarray]) -> list:
+    """One image's reference segments in the runtime's layout: its wrapper tokens and the
+    reference's embeddings of each chunk."""
+    out, k = [], 0
+    for c in layout:
+        if c["kind"] == "text":
+            out.append(list(c["tokens"]))
+        else:
+            out.append(np.asarray(embs[k], dtype=np.float32))
+            k += 1
+    return out
+
+
+def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scenario]) -> dict | None:
+    """Speed and size of an F16 export of the same checkpoint, measured in this run: the F16
+    artifact under validation if there is one, else a temporary export (speed probes only)."""
+    from convert.gguf.export import export_gguf
+
+    from .artifacts import discover
+
+    modes = sorted({m for a in artifacts for m in a.mmproj}) or ["16x"]
+    out = h.scratch / "anchor-f16"
+    export_gguf(h.ckpt, out, quant="f16", mode="both" if len(modes) > 1 else modes[0], quiet=True)
+    art = discover(out)[0]
+    kwargs = {"decoder": str(art.decoder.path), "mmproj": str(art.mmproj[modes[0]].path) if art.mmproj else None,
+              "n_ctx": h.profile.n_ctx, "n_threads": h.profile.threads}
+    try:
+        with RuntimeProcess(h.profile.runtime, kwargs, deadline=time.monotonic() + h.profile.timeout_s) as proc:
+            speed = h._speed(proc, scenarios, art.mmproj.get(modes[0]))
+    except RuntimeFailure:
+        return None
+    return {"name": art.name + " (temporary anchor)", "size_bytes": sum(f.stat().st_size for f in art.files), "speed": speed}
+
+
+def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[Scenario], *,
+                   profile: Profile | None = None, scenario_set: str = "default", quiet: bool = False,
+                   imatrix: str | Path | None = None, speed_anchor: bool = True) -> dict:
+    """Validate every artifact; the report dict (JSON-ready) with overall status and exit code."""
+    for a in artifacts:
+        check_same_model(ckpt, a)  # bad input before any work
+    if any(s.needs_vision for s in scenarios) and not any(a.mmproj for a in artifacts):
+        names = ", ".join(s.name for s in scenarios if s.needs_vision)
+        raise ConvertError(f"the scenarios {names} need a projector: pass --mmproj FILE (or choose --scenarios text)")
+    t0 = time.monotonic()
+    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix)
+    try:
+        f16 = [a for a in artifacts if a.decoder.type_label == "F16"]
+        order = f16[:1] + [a for a in artifacts if a not in f16[:1]]
+        rows: dict[str, dict] = {}
+        anchor = None
+        for a in order:
+            if anchor is None and speed_anchor and a.decoder.type_label != "F16":
+                anchor = _anchor_artifact(h, artifacts, scenarios)
+            row = h.validate_artifact(a, scenarios, anchor)
+            if anchor is None and a.decoder.type_label == "F16":
+                anchor = {"name": a.name, "size_bytes": row["size_bytes"], "speed": dict(row.get("speed", {}))}
+                row["size_ratio_f16"] = 1.0
+                row["speed"]["ratio_f16"] = {k: 1.0 for k in row["speed"] if k != "ratio_f16"}
+            rows[a.name] = row
+    finally:
+        h.close()
+    arts = [rows[a.name] for a in artifacts]
+    crashed = any(r["status"] in ("crashed", "timeout") for r in arts)
+    failed = any(r["status"] in FAILING for r in arts)
+    code = EXIT_CRASHED if crashed else EXIT_FAILED if failed else EXIT_OK
+    from convert.manifest import TOOL, versions
+
+    return {"tool": TOOL, "version": versions().get(TOOL, "?"),
+            "model": {"path": str(ckpt.path), "name": ckpt.name}, "scenario_set": scenario_set,
+            "profile": h.profile.as_dict(), "anchor": anchor["name"] if anchor else None,
+            "status": "fail" if failed else "pass", "exit_code": code, "wall_s": round(time.monotonic() - t0, 2),
+            "artifacts": arts}

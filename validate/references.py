@@ -1,0 +1,78 @@
+"""The two PyTorch references an artifact is compared with.
+
+* "fp32": the checkpoint in float32 through transformers, the ground truth.
+* "fake-quant": the same model with every weight replaced by the source fake-quantized with the
+  artifact's own per-tensor ggml types (this project's bit-exact quantizers). An artifact that is
+  a faithful conversion sits as close to it as the runtime's arithmetic allows, so what remains
+  against "fp32" is quantization error, and what shows against "fake-quant" is conversion error.
+
+A reference takes a prompt laid out the way the runtime under test lays it out: token-id
+segments and image-chunk embeddings, the latter computed by the reference's own vision tower
+from the runtime's own preprocessed pixels (so a different slice grid or letterbox in the
+runtime's preprocessing does not hide or fake a runtime error).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from runtimes.reference import ReferenceRuntime
+
+
+class Reference:
+    """One reference model plus caches of its image features and sequence results."""
+
+    def __init__(self, label: str, runtime: ReferenceRuntime):
+        self.label = label
+        self.rt = runtime
+        self._features: dict[tuple, list[np.ndarray]] = {}
+
+    @classmethod
+    def fp32(cls, ckpt: Checkpoint, threads: int | None = None) -> "Reference":
+        return cls("fp32", ReferenceRuntime(ckpt, n_threads=threads))
+
+    @classmethod
+    def fake_quant(cls, ckpt: Checkpoint, ggufs: list[Path], threads: int | None = None,
+                   imatrix: str | Path | None = None) -> "Reference":
+        from .weights import fake_quant_state_dict, load_fake_quant
+
+        rt = ReferenceRuntime(ckpt, n_threads=threads)
+        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix))
+        return cls("fake-quant", rt)
+
+    @property
+    def tokenizer(self):
+        return self.rt.tokenizer
+
+    def native_image(self, image, mode: str) -> list[np.ndarray]:
+        """Embeddings per chunk with transformers' own preprocessing (its slice grid)."""
+        return self.rt.image_embeddings(image, mode=mode)
+
+    def runtime_pixels_image(self, key: tuple, chunks: list[np.ndarray], patch_size: int, mode: str) -> list[np.ndarray]:
+        """Embeddings per chunk of pixels preprocessed the way the runtime does (cached by key)."""
+        if key not in self._features:
+            from .mtmd_preproc import pack_for_reference
+
+            pv, ts = pack_for_reference(chunks, patch_size)
+            self._features[key] = self.rt.features(pv, ts, mode)
+        return self._features[key]
+
+    def run(self, segments: list, n_greedy: int, teacher: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+        """(greedy tokens, logits at every text position of segments + teacher[:-1]).
+
+        With `teacher` None the reference's own greedy continuation is the teacher."""
+        toks = self.rt.sequence_greedy(segments, n_greedy) if teacher is None else list(teacher)
+        full = segments + ([toks[:-1]] if len(toks) > 1 else [])
+        logits = self.rt.sequence_logits(full)
+        keep = np.concatenate([np.full(len(s), not _is_embedding(s)) for s in full])
+        return toks, logits[keep]
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+def _is_embedding(seg) -> bool:
+    return isinstance(seg, np.ndarray) and seg.dtype.kind == "f"

@@ -1,0 +1,131 @@
+"""Validation scenarios (recipes/scenarios.json) turned into prompts.
+
+A scenario's prompt is a list of turns; a turn is a list of parts, each a piece of text (with
+its token ids from the reference tokenizer) or an image. The first turn starts from a fresh
+runtime state; each later turn continues it (multi-turn), while the reference recomputes the
+whole sequence in one pass. Text goes through the checkpoint's chat template; `<|image_pad|>`
+(what the template renders for an image) is where the runtime's own image layout goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConvertError
+
+IMAGE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "images"
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+KINDS = ("text", "multi-turn", "image", "video")
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    index: int  # into Scenario.images
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str
+    messages: list[dict[str, Any]]
+    mode: str = "16x"
+    images: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    preprocessing: str = "same"  # "differs": a known difference between runtime and processor
+    about: str = ""
+    greedy: int = 16
+
+    @property
+    def needs_vision(self) -> bool:
+        return self.kind in ("image", "video")
+
+
+def _data() -> dict:
+    from recipes import load
+
+    return load("scenarios")
+
+
+def scenario_sets() -> dict[str, list[str]]:
+    return dict(_data()["sets"])
+
+
+def load_scenarios(selection: str = "default") -> list[Scenario]:
+    """A named set ("default", "quick", "text", "images") or a comma list of scenario names."""
+    data = _data()
+    by_name = {s["name"]: s for s in data["scenarios"]}
+    sets = data["sets"]
+    if selection in sets:
+        names = sets[selection]
+    else:
+        names = [n.strip() for n in selection.split(",") if n.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown or not names:
+            raise ConvertError(f"unknown scenario set or scenario {unknown[0] if unknown else selection!r}; "
+                               f"sets: {', '.join(sets)}; scenarios: {', '.join(by_name)}")
+    out = []
+    for n in names:
+        s = dict(by_name[n])
+        if s["kind"] not in KINDS:
+            raise ConvertError(f"scenario {n}: unknown kind {s['kind']!r}")
+        s.setdefault("greedy", data.get("greedy_steps", 16))
+        out.append(Scenario(**s))
+    return out
+
+
+def load_image(spec: dict[str, Any]):
+    """The scenario image: a shipped photo, optionally cropped (fractions l, t, r, b), resized."""
+    from PIL import Image
+
+    path = IMAGE_DIR / spec["file"]
+    if not path.is_file():
+        raise ConvertError(f"scenario image {path} is missing")
+    img = Image.open(path).convert("RGB")
+    if "crop" in spec:
+        l, t, r, b = spec["crop"]
+        img = img.crop((round(l * img.width), round(t * img.height), round(r * img.width), round(b * img.height)))
+    w, h = spec["size"]
+    return img.resize((int(w), int(h)), Image.BICUBIC)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _parts(tokenizer, text: str, first_image: int) -> list[TextPart | ImagePart]:
+    out: list[TextPart | ImagePart] = []
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if i:
+            out.append(ImagePart(first_image + i - 1))
+        if piece:
+            out.append(TextPart(piece, tuple(tokenizer.encode(piece, add_special_tokens=False))))
+    return out
+
+
+def build_turns(scenario: Scenario, tokenizer) -> list[list[TextPart | ImagePart]]:
+    """The prompt as turns of parts. Multi-turn: the first turn is the chat up to the first user
+    message with the generation prompt; each later turn is the assistant's answer, its end
+    token, and the next user message with the generation prompt, i.e. exactly what a chat app
+    appends to a live context."""
+    msgs = scenario.messages
+    if scenario.kind != "multi-turn":
+        return [_parts(tokenizer, _render(tokenizer, msgs, True), 0)]
+    first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    turns = [_parts(tokenizer, _render(tokenizer, msgs[:first_user + 1], True), 0)]
+    i = first_user + 1
+    while i < len(msgs):
+        if msgs[i]["role"] != "assistant" or i + 1 >= len(msgs):
+            raise ConvertError(f"scenario {scenario.name}: multi-turn messages must alternate assistant, user")
+        text = msgs[i]["content"] + "<|im_end|>\n" + _render(tokenizer, [msgs[i + 1]], True)
+        turns.append(_parts(tokenizer, text, 0))
+        i += 2
+    return turns
