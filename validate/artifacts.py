@@ -157,16 +157,20 @@ def manifest_check(art: Artifact) -> dict:
     if m is None:
         return {"check": "manifest", "status": "skipped", "message": "no manifest.json beside the artifact"}
     entries = {a["file"]: a for a in m.get("artifacts", [])}
-    problems = []
+    problems, unlisted = [], []
     for f in art.files:
         e = entries.get(f.name)
         if e is None:
-            problems.append(f"{f.name}: not listed in manifest.json")
+            unlisted.append(f.name)  # e.g. a file copied in by hand: nothing to check it against
         elif e.get("size") != f.stat().st_size or e.get("sha256") != manifest.sha256_file(f):
-            problems.append(f"{f.name}: sha256/size differ from manifest.json (file changed after export)")
+            problems.append(f"{f.name}: sha256/size differ from manifest.json (the file changed after export)")
     if problems:
-        return {"check": "manifest", "status": "fail", "message": problems[0], "details": problems}
-    return {"check": "manifest", "status": "pass", "message": f"{len(art.files)} file(s) match manifest.json"}
+        return {"check": "manifest", "status": "fail", "message": problems[0], "details": problems + unlisted}
+    if len(unlisted) == len(art.files):
+        return {"check": "manifest", "status": "skipped", "message": "manifest.json does not list these files"}
+    note = f"; not listed: {', '.join(unlisted)}" if unlisted else ""
+    return {"check": "manifest", "status": "pass",
+            "message": f"{len(art.files) - len(unlisted)} file(s) match manifest.json{note}"}
 
 
 def mark_manifest(folder: Path, status_by_file: dict[str, str]) -> None:

@@ -69,8 +69,9 @@ def _progress(quiet: bool, total: int, desc: str):
 
 class Harness:
     def __init__(self, ckpt: Checkpoint, profile: Profile | None = None, *, quiet: bool = False,
-                 imatrix: str | Path | None = None, fake_quant: bool = True):
+                 imatrix: str | Path | None = None, fake_quant: bool = True, env: dict | None = None):
         self.ckpt = ckpt
+        self.env = env  # extra environment for the runtime processes
         self.profile = profile or Profile()
         self.quiet = quiet
         self.imatrix = imatrix
@@ -153,7 +154,7 @@ class Harness:
                 kwargs = {"decoder": str(art.decoder.path), "mmproj": str(mm.path) if mm else None,
                           "n_ctx": self.profile.n_ctx, "n_threads": self.profile.threads}
                 try:
-                    with RuntimeProcess(self.profile.runtime, kwargs, deadline=deadline) as proc:
+                    with RuntimeProcess(self.profile.runtime, kwargs, deadline=deadline, env=self.env) as proc:
                         try:
                             for sc in todo:
                                 row["scenarios"].append(self._scenario(proc, sc, art, mm, fq))
@@ -263,8 +264,10 @@ class Harness:
                     known_diff.append(f"image {i}: same token counts, but the runtime's pixels differ from the processor's "
                                       f"(min chunk cosine {min(nat):.3f} with transformers' own preprocessing)")
             ref_chunks[i] = _segments(layout, ref_embs)
-            if fq is not None:
-                fq_chunks[i] = _segments(layout, fq.runtime_pixels_image(key, pix, self.ckpt.spec.vision.patch_size, sc.mode))
+            # the fake-quant reference's decoder takes the runtime's own image embeddings: identical
+            # inputs isolate the decoder's conversion (its quantized matmuls turn input noise of 1e-6
+            # into visible rounding flips); the projector is checked by the cosines above
+            fq_chunks[i] = _segments(layout, art_embs)
         if encode_s:
             out["speed"] = {"image_encode_s": encode_s}
 
@@ -388,7 +391,8 @@ def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scen
     kwargs = {"decoder": str(art.decoder.path), "mmproj": str(art.mmproj[modes[0]].path) if art.mmproj else None,
               "n_ctx": h.profile.n_ctx, "n_threads": h.profile.threads}
     try:
-        with RuntimeProcess(h.profile.runtime, kwargs, deadline=time.monotonic() + h.profile.timeout_s) as proc:
+        with RuntimeProcess(h.profile.runtime, kwargs, deadline=time.monotonic() + h.profile.timeout_s,
+                            env=h.env) as proc:
             speed = h._speed(proc, scenarios, art.mmproj.get(modes[0]))
     except RuntimeFailure:
         return None
@@ -397,7 +401,7 @@ def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scen
 
 def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[Scenario], *,
                    profile: Profile | None = None, scenario_set: str = "default", quiet: bool = False,
-                   imatrix: str | Path | None = None, speed_anchor: bool = True) -> dict:
+                   imatrix: str | Path | None = None, speed_anchor: bool = True, env: dict | None = None) -> dict:
     """Validate every artifact; the report dict (JSON-ready) with overall status and exit code."""
     for a in artifacts:
         check_same_model(ckpt, a)  # bad input before any work
@@ -405,7 +409,7 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
         names = ", ".join(s.name for s in scenarios if s.needs_vision)
         raise ConvertError(f"the scenarios {names} need a projector: pass --mmproj FILE (or choose --scenarios text)")
     t0 = time.monotonic()
-    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix)
+    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env)
     try:
         f16 = [a for a in artifacts if a.decoder.type_label == "F16"]
         order = f16[:1] + [a for a in artifacts if a not in f16[:1]]

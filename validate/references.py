@@ -2,7 +2,8 @@
 
 * "fp32": the checkpoint in float32 through transformers, the ground truth.
 * "fake-quant": the same model with every weight replaced by the source fake-quantized with the
-  artifact's own per-tensor ggml types (this project's bit-exact quantizers). An artifact that is
+  artifact's own per-tensor ggml types (this project's bit-exact quantizers), and each matmul's
+  input rounded the way ggml's CPU backend rounds it for that type (cpu_numerics.py). An artifact that is
   a faithful conversion sits as close to it as the runtime's arithmetic allows, so what remains
   against "fp32" is quantization error, and what shows against "fake-quant" is conversion error.
 
@@ -37,10 +38,16 @@ class Reference:
     @classmethod
     def fake_quant(cls, ckpt: Checkpoint, ggufs: list[Path], threads: int | None = None,
                    imatrix: str | Path | None = None) -> "Reference":
+        from .cpu_numerics import emulate_matmul_inputs
         from .weights import fake_quant_state_dict, load_fake_quant
 
         rt = ReferenceRuntime(ckpt, n_threads=threads)
-        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix))
+        types: dict = {}
+        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types))
+        embed = "model.language_model.embed_tokens.weight"
+        if ckpt.spec.tie_word_embeddings and embed in types:
+            types.setdefault("lm_head.weight", types[embed])  # llama.cpp's output matmul reads token_embd
+        emulate_matmul_inputs(rt.model, types)
         return cls("fake-quant", rt)
 
     @property

@@ -515,7 +515,7 @@ def check_metadata(ckpt: Checkpoint, gguf_path) -> list[str]:
 
 # -- the fake-quantized reference ------------------------------------------------------------
 
-def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None) -> dict:
+def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None) -> dict:
     """HF name -> torch float32 tensor: the source as each artifact's tensor type would store it.
 
     Every non-F32 tensor of the given artifacts is re-quantized from the source after transforms
@@ -523,7 +523,8 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None) -> dict
     one, plain), dequantized and mapped back to HF layout by the inverse transforms. F32 tensors are
     left out: they hold the source exactly, and inverting add_one / neg_exp would only add float32
     rounding to weights the model already has. When two artifacts hold the same HF tensor (the 16x
-    and 4x projectors), the later one's version is kept.
+    and 4x projectors), the later one's version is kept. `types`, when given, receives each HF
+    tensor's ggml type (F32 ones included), for the reference's activation emulation.
     """
     import torch
 
@@ -539,6 +540,8 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None) -> dict
             p = plans.get(t.name)
             if p is None:
                 raise ConvertError(f"{path.name}: tensor {t.name}: not produced from this checkpoint; run check_tensors")
+            if types is not None:
+                types[p.source] = qt
             if qt == T.F32:
                 continue
             if qt not in ggml.SUPPORTED:
