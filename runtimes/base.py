@@ -132,6 +132,13 @@ class Runtime(ABC):
         overview first, then the slices row by row."""
         raise NotImplementedError(self.unsupported("image"))
 
+    def image_pixels(self, image: Image) -> list[np.ndarray] | None:
+        """The pixels this runtime feeds its vision encoder, per image chunk (float32 [3, H, W],
+        normalized), when its preprocessing is its own; None when it is transformers' processor.
+        The harness runs the reference on these pixels, so a preprocessing difference is reported
+        as such and does not hide (or fake) an error in the encoder."""
+        return None
+
     def prefill(self, parts: Sequence[Part], *, fresh: bool = True) -> Prefill:
         """Evaluate a prompt made of token-id parts and images (each image laid out as
         `image_layout` says), with logits at every text position. fresh=False continues the

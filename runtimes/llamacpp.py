@@ -21,10 +21,14 @@ mtmd (libmtmd) turns "text <__media__> text" plus images into chunks. For MiniCP
     text "<image>" | image (overview) | text "</image>" [ "<slice>" | image | "</slice>" ... "\\n" ... ]
 i.e. the overview and each slice are separate image chunks, and the wrapper tokens are text chunks
 (adjacent text is merged into one chunk). A 448x448 image gives a single 64-token overview chunk.
-Token counts per chunk match transformers' processor. The pixels of the slices do not always: mtmd
-resizes the image for the slice grid keeping its aspect ratio and pads with black (PAD_CEIL, centred),
-where transformers stretches it, so slice embeddings differ whenever the image's aspect ratio is not
-the grid's (the overview is resized the same way in both).
+Where mtmd and transformers' processor differ (measured, runtimes/mtmd_preproc.py reproduces mtmd):
+  * slices: mtmd resizes the image for the slice grid keeping its aspect ratio and pads with black
+    (PAD_CEIL, centred) where transformers stretches it, so slice pixels differ whenever the image's
+    aspect ratio is not the grid's (the overview is resized the same way in both);
+  * small images (both sides <= 448) in 16x: mtmd stretches them to one 448x448 overview (64
+    tokens) where transformers keeps the aspect ratio (300x200: 70 tokens);
+  * thin images: mtmd slices when one side exceeds 448, transformers decides from the area alone
+    (500x100: mtmd 18+65+65 tokens, transformers one 72-token chunk).
 """
 
 from __future__ import annotations
@@ -480,6 +484,15 @@ class LlamaCppRuntime(Runtime):
             return out
         finally:
             _mtmd.mtmd_input_chunks_free(chunks)
+
+    def image_pixels(self, image: "Image") -> list[np.ndarray]:
+        """mtmd's preprocessed chunks (overview, then slices), replicated in numpy (mtmd_preproc.py)."""
+        self._need_mmproj()
+        from .mtmd_preproc import MtmdVisionParams, preprocess
+
+        if getattr(self, "_vision_params", None) is None:
+            self._vision_params = MtmdVisionParams.from_gguf(self.mmproj_path)
+        return preprocess(image.convert("RGB"), self._vision_params)
 
     def _encode(self, c: Any, info: MtmdChunk) -> np.ndarray:
         _Log.clear()

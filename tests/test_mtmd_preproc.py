@@ -1,4 +1,4 @@
-"""validate/mtmd_preproc.py: mtmd's MiniCPM-V 4.6 image preprocessing in numpy.
+"""runtimes/mtmd_preproc.py: mtmd's MiniCPM-V 4.6 image preprocessing in numpy.
 
 The decisive check feeds our chunks through the transformers vision tower and compares the
 embeddings with what llama.cpp (mtmd) computes from its own preprocessing of the same image, chunk
@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import pytest
 
-from validate import mtmd_preproc as mp
+from runtimes import mtmd_preproc as mp
 from validate.metrics import cosine
 
 SIZES_16X = [(448, 448), (300, 200), (500, 100), (1344, 896), (2000, 2000), (600, 1000)]

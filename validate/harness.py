@@ -232,15 +232,19 @@ class Harness:
             emb = proc.request("embeddings", image=str(path), out=str(self.scratch / f"emb-{sc.name}-{i}"))
             encode_s += emb["seconds"]
             art_embs = [np.load(f) for f in emb["files"]]
-            pix = self._runtime_pixels(path, mm.path)
-            key = (str(path), str(mm.path))
-            ref_embs = self.fp32.runtime_pixels_image(key, pix, self.ckpt.spec.vision.patch_size, sc.mode)
+            native = self.fp32.native_image(load_image(sc.images[i]), sc.mode)
+            pix = proc.request("pixels", image=str(path), out=str(self.scratch / f"pix-{sc.name}-{i}"))["files"]
+            if pix is None:  # the runtime preprocesses like transformers' processor
+                ref_embs = native
+            else:
+                key = (str(path), str(mm.path))
+                chunks = [np.load(f) for f in pix]
+                ref_embs = self.fp32.runtime_pixels_image(key, chunks, self.ckpt.spec.vision.patch_size, sc.mode)
             counts_art = [c["n_tokens"] for c in layout if c["kind"] == "image"]
             if [e.shape[0] for e in ref_embs] != counts_art:
                 fail.append(f"{sc.name}: layout: {art.name} lays image {i} out as {counts_art} tokens, its own pixels give "
                             f"{[e.shape[0] for e in ref_embs]} in the reference")
                 return self._finish(out)
-            native = self.fp32.native_image(load_image(sc.images[i]), sc.mode)
             out["layout"]["reference"]["tokens"].append([e.shape[0] for e in native])
             out["layout"]["artifact"]["tokens"].append(counts_art)
             for j, (a, r) in enumerate(zip(art_embs, ref_embs)):
@@ -329,15 +333,6 @@ class Harness:
                 out["status"] = "fail"
                 out["failures"] = [f"{out['scenario']}: preprocessing: {d}" for d in known_diff]
         return out
-
-    def _runtime_pixels(self, image_path: Path, mmproj_path: Path) -> list[np.ndarray]:
-        """The runtime's own preprocessed pixels per chunk (llama.cpp's mtmd, replicated in numpy)."""
-        from PIL import Image
-
-        from .mtmd_preproc import MtmdVisionParams, preprocess
-
-        with Image.open(image_path) as im:
-            return preprocess(im.convert("RGB"), MtmdVisionParams.from_gguf(mmproj_path))
 
     def _speed(self, proc: RuntimeProcess, scenarios: list[Scenario], mm) -> dict:
         """Prefill and decode tokens/s on the text-chat prompt (or the first text scenario), and

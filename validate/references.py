@@ -61,7 +61,7 @@ class Reference:
     def runtime_pixels_image(self, key: tuple, chunks: list[np.ndarray], patch_size: int, mode: str) -> list[np.ndarray]:
         """Embeddings per chunk of pixels preprocessed the way the runtime does (cached by key)."""
         if key not in self._features:
-            from .mtmd_preproc import pack_for_reference
+            from runtimes.mtmd_preproc import pack_for_reference
 
             pv, ts = pack_for_reference(chunks, patch_size)
             self._features[key] = self.rt.features(pv, ts, mode)

@@ -396,7 +396,7 @@ def summary_text(report: dict) -> str:
         if prof.get(key) is not None:
             facts.append(f"{label} {prof[key]}{unit}")
     if report.get("wall_s") is not None:
-        facts.append(f"wall {_num(report['wall_s'])} s")
+        facts.append(f"wall {float(report['wall_s']):.1f} s")
     if facts:
         lines += _wrap(" | ".join(facts))
 
@@ -414,7 +414,7 @@ def summary_text(report: dict) -> str:
                          _size(a.get("size_bytes")), _ratio(a.get("size_ratio_f16")), rss_s,
                          _ratio(r16.get("prefill_tok_s")), _ratio(r16.get("decode_tok_s")),
                          _ratio(r16.get("image_encode_s")),
-                         "-" if a.get("wall_s") is None else f"{_num(a['wall_s'])}s"])
+                         "-" if a.get("wall_s") is None else f"{float(a['wall_s']):.1f}s"])
         lines.append("")
         lines += _table(["artifact", "status", "quant", "size", "/F16", "RSS MB", "prefill", "decode", "img enc", "wall"],
                         rows, right={3, 4, 5, 6, 7, 8, 9}, shrink=[0])

@@ -22,7 +22,17 @@ import numpy as np
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident set. Linux: VmHWM of the current address space; ru_maxrss
+    would carry over the harness's own peak through fork and exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB elsewhere
 
 
 def _image(path: str):
@@ -62,6 +72,17 @@ class Worker:
             np.save(f, e)
             files.append(f)
         return {"files": files, "seconds": dt}
+
+    def op_pixels(self, req):
+        chunks = self.rt.image_pixels(_image(req["image"]))
+        if chunks is None:
+            return {"files": None}
+        files = []
+        for i, c in enumerate(chunks):
+            f = f"{req['out']}-{i}.npy"
+            np.save(f, np.asarray(c, dtype=np.float32))
+            files.append(f)
+        return {"files": files}
 
     def _parts(self, parts):
         return [_image(p["image"]) if isinstance(p, dict) else p for p in parts]

@@ -1,0 +1,245 @@
+"""Packers and unpackers between `QuantizedWeight` and the tensors of three HF checkpoint formats.
+
+Pure torch; bits are shifted in int64 (no sign trouble at bit 31) and the words are then viewed as
+int32, which is what every reader expects. Layouts (reference: shared quantization.md §1.2, §2.2, §3.3):
+
+* GPTQ v1       `qweight [in/pf, out]`  codes packed along the input dim, sequential nibbles
+                `qzeros  [G, out/pf]`   zero - 1 (the v1 convention), packed along the output dim
+                `scales  [G, out]` fp16, `g_idx [in]` int32
+* AWQ GEMM      `qweight [in, out/8]`   packed along the output dim with the [0,2,4,6,1,3,5,7] interleave
+                `qzeros  [G, out/8]`    same interleave, zero stored as is
+                `scales  [G, out]` fp16; no g_idx, so no act-order
+* compressed-tensors pack-quantized (symmetric)
+                `weight_packed [out, in/pf]` int32, stored value = signed code + 2^(bits-1), i.e. our
+                unsigned code when the zero point is 2^(bits-1); `weight_scale [out, G]` in the model
+                dtype; `weight_shape [2]` int64
+
+pf = 32 // bits codes per int32 word. Choices where a format cannot hold a result:
+* GPTQ v1 cannot store a zero point of 0 (it would be written as -1 and read back as 15+1 after the
+  v1->v2 nibble carry). We refuse rather than clamp: clamping changes codes that GPTQ's error
+  compensation already accounted for, so the checkpoint would silently differ from the result.
+* AWQ GEMM has no g_idx: act-order results with a non-trivial group order are refused.
+* compressed-tensors asymmetric does not load in transformers 5.23 (zero-point shape mismatch), so
+  only results with every zero == 2^(bits-1) are accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from convert.errors import ConvertError
+
+from .qweight import QuantizedWeight, Scheme
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column 8k + AWQ_ORDER[j]
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+PACK_BITS = (2, 4, 8)  # widths that tile an int32 word exactly (3-bit GPTQ packing is not supported)
+
+
+# -- bit packing ----------------------------------------------------------------------------------
+
+def _per_word(bits: int) -> int:
+    if bits not in PACK_BITS:
+        raise ConvertError(f"{bits}-bit codes cannot be packed here (supported: {', '.join(map(str, PACK_BITS))})")
+    return 32 // bits
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> the same bits as int32."""
+    return (words & 0xFFFFFFFF).to(torch.uint32).view(torch.int32)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] codes -> int32 [R/pf, C]: word r holds rows pf*r .. pf*r+pf-1, first row in the low bits."""
+    pf = _per_word(bits)
+    q = q.to(torch.int64).reshape(q.shape[0] // pf, pf, q.shape[1])
+    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
+    return _to_int32((q << shifts).sum(1))
+
+
+def unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [R/pf, C] -> int32 codes [R, C]."""
+    pf = _per_word(bits)
+    w = p.view(torch.uint32).to(torch.int64).unsqueeze(1)
+    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
+    return ((w >> shifts) & ((1 << bits) - 1)).reshape(p.shape[0] * pf, p.shape[1]).to(torch.int32)
+
+
+def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """[R, C] codes -> int32 [R, C/pf]: word k holds columns pf*k + order[j] at bit j*bits."""
+    pf = _per_word(bits)
+    q = q.to(torch.int64).reshape(q.shape[0], q.shape[1] // pf, pf)
+    if order is not None:
+        q = q[:, :, list(order)]
+    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, 1, pf)
+    return _to_int32((q << shifts).sum(-1))
+
+
+def unpack_cols(p: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of pack_cols: int32 [R, C/pf] -> int32 codes [R, C]."""
+    pf = _per_word(bits)
+    w = p.view(torch.uint32).to(torch.int64).unsqueeze(-1)
+    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, 1, pf)
+    q = (w >> shifts) & ((1 << bits) - 1)  # [R, C/pf, pf]: slot j
+    if order is not None:
+        inv = [0] * pf
+        for j, col in enumerate(order):
+            inv[col] = j
+        q = q[:, :, inv]
+    return q.reshape(p.shape[0], p.shape[1] * pf).to(torch.int32)
+
+
+# -- checks shared by the formats -----------------------------------------------------------------
+
+def n_groups(qw: QuantizedWeight) -> int:
+    return int(qw.scales.shape[1])
+
+
+def group_size_of(qw: QuantizedWeight) -> int:
+    """The group size a config records: -1 for one group over all input columns."""
+    gs = qw.scheme.group_size
+    return -1 if gs <= 0 or (gs >= qw.shape[1] and n_groups(qw) == 1) else gs
+
+
+def trivial_g_idx(qw: QuantizedWeight) -> bool:
+    """True when input column i belongs to group i // group_size (no act-order reordering)."""
+    n_in = qw.shape[1]
+    gs = n_in if group_size_of(qw) == -1 else qw.scheme.group_size
+    return bool(torch.equal(qw.g_idx.to(torch.int64), torch.arange(n_in, dtype=torch.int64) // gs))
+
+
+def check(qw: QuantizedWeight, fmt: str) -> None:
+    """Raise ConvertError if `fmt` cannot store `qw` exactly."""
+    out_f, in_f = qw.shape
+    bits = qw.scheme.bits
+    pf = _per_word(bits)
+    g = n_groups(qw)
+    gs = in_f if group_size_of(qw) == -1 else qw.scheme.group_size
+    if tuple(qw.scales.shape) != (out_f, g) or tuple(qw.zeros.shape) != (out_f, g) or qw.g_idx.numel() != in_f:
+        raise ConvertError(f"{qw.name}: inconsistent QuantizedWeight (q {tuple(qw.q.shape)}, scales "
+                           f"{tuple(qw.scales.shape)}, zeros {tuple(qw.zeros.shape)}, g_idx {qw.g_idx.numel()})")
+    if in_f % gs or g != in_f // gs:
+        raise ConvertError(f"{qw.name}: group size {gs} does not tile the {in_f} input columns into {g} groups")
+    if int(qw.q.min()) < 0 or int(qw.q.max()) > qw.scheme.maxq:
+        raise ConvertError(f"{qw.name}: codes outside [0, {qw.scheme.maxq}]")
+    if int(qw.zeros.min()) < 0 or int(qw.zeros.max()) > qw.scheme.maxq:
+        raise ConvertError(f"{qw.name}: zero points outside [0, {qw.scheme.maxq}]")
+    if fmt == "gptq":
+        if in_f % pf or out_f % pf:
+            raise ConvertError(f"{qw.name}: GPTQ packing needs both dims divisible by {pf}, got {out_f}x{in_f}")
+        n0 = int((qw.zeros == 0).sum())
+        if n0:
+            raise ConvertError(f"{qw.name}: GPTQ v1 stores zero-1 and cannot hold a zero point of 0 ({n0} groups); "
+                               "use a symmetric scheme, --format awq, or quantize with zero points >= 1")
+    elif fmt == "awq":
+        if bits != 4:
+            raise ConvertError(f"{qw.name}: the AWQ GEMM format holds 4-bit codes only, not {bits}-bit")
+        if out_f % 8:
+            raise ConvertError(f"{qw.name}: AWQ packing needs the output dim divisible by 8, got {out_f}")
+        if not trivial_g_idx(qw):
+            raise ConvertError(f"{qw.name}: the AWQ GEMM format has no g_idx, so act-order results cannot be stored; "
+                               "use --format gptq or quantize without act-order")
+    elif fmt == "compressed-tensors":
+        if in_f % pf:
+            raise ConvertError(f"{qw.name}: compressed-tensors packing needs the input dim divisible by {pf}, got {in_f}")
+        if not bool((qw.zeros == (1 << (bits - 1))).all()):
+            raise ConvertError("asymmetric compressed-tensors does not load in transformers 5.23; "
+                               "use --format awq or a symmetric scheme")
+        if not trivial_g_idx(qw):
+            raise ConvertError(f"{qw.name}: act-order group order is not supported for compressed-tensors here; "
+                               "use --format gptq or quantize without act-order")
+    else:
+        raise ConvertError(f"unknown quantized checkpoint format {fmt!r}; choose gptq, awq or compressed-tensors")
+
+
+def _scales_as(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    s = qw.scales.to(torch.float32).to(dtype)
+    if not bool(torch.isfinite(s).all()):
+        raise ConvertError(f"{qw.name}: a scale overflows {str(dtype).removeprefix('torch.')} "
+                           f"(max {float(qw.scales.abs().max()):.4g})")
+    return s
+
+
+# -- formats --------------------------------------------------------------------------------------
+
+def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors, keyed by the suffix after the module name."""
+    check(qw, "gptq")
+    bits = qw.scheme.bits
+    out = {
+        "qweight": pack_rows(qw.q.t(), bits),
+        "qzeros": pack_cols((qw.zeros.to(torch.int64) - 1).t(), bits),  # v1 stores zero - 1
+        "scales": _scales_as(qw, torch.float16).t().contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+    if qw.bias is not None:
+        out["bias"] = qw.bias.to(torch.float16)
+    return out
+
+
+def unpack_gptq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> QuantizedWeight:
+    bits = scheme.bits
+    return QuantizedWeight(
+        name=name, scheme=scheme,
+        q=unpack_rows(t["qweight"], bits).t().contiguous(),
+        scales=t["scales"].to(torch.float32).t().contiguous(),
+        zeros=(unpack_cols(t["qzeros"], bits) + 1).t().contiguous(),
+        g_idx=t["g_idx"].to(torch.int32),
+        bias=t["bias"].to(torch.float32) if "bias" in t else None,
+    )
+
+
+def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """AWQ GEMM tensors (AutoAWQ `WQLinear_GEMM`), keyed by the suffix after the module name."""
+    check(qw, "awq")
+    out = {
+        "qweight": pack_cols(qw.q.t(), 4, AWQ_ORDER),
+        "qzeros": pack_cols(qw.zeros.t(), 4, AWQ_ORDER),
+        "scales": _scales_as(qw, torch.float16).t().contiguous(),
+    }
+    if qw.bias is not None:
+        out["bias"] = qw.bias.to(torch.float16)
+    return out
+
+
+def unpack_awq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> QuantizedWeight:
+    q = unpack_cols(t["qweight"], 4, AWQ_ORDER).t().contiguous()
+    n_in = q.shape[1]
+    g = t["scales"].shape[0]
+    return QuantizedWeight(
+        name=name, scheme=scheme, q=q,
+        scales=t["scales"].to(torch.float32).t().contiguous(),
+        zeros=unpack_cols(t["qzeros"], 4, AWQ_ORDER).t().contiguous(),
+        g_idx=(torch.arange(n_in) // (n_in // g)).to(torch.int32),
+        bias=t["bias"].to(torch.float32) if "bias" in t else None,
+    )
+
+
+def pack_compressed(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized (symmetric) tensors; `dtype` is the model's float dtype."""
+    check(qw, "compressed-tensors")
+    out = {
+        "weight_packed": pack_cols(qw.q, qw.scheme.bits),
+        "weight_scale": _scales_as(qw, dtype).contiguous(),
+        "weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+    }
+    if qw.bias is not None:
+        out["bias"] = qw.bias.to(dtype)
+    return out
+
+
+def unpack_compressed(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> QuantizedWeight:
+    out_f, in_f = (int(x) for x in t["weight_shape"])
+    q = unpack_cols(t["weight_packed"], scheme.bits)[:, :in_f].contiguous()
+    g = t["weight_scale"].shape[1]
+    return QuantizedWeight(
+        name=name, scheme=scheme, q=q,
+        scales=t["weight_scale"].to(torch.float32).contiguous(),
+        zeros=torch.full((out_f, g), 1 << (scheme.bits - 1), dtype=torch.int32),
+        g_idx=(torch.arange(in_f) // (in_f // g)).to(torch.int32),
+        bias=t["bias"].to(torch.float32) if "bias" in t else None,
+    )
+
+
+PACKERS = {"gptq": pack_gptq, "awq": pack_awq, "compressed-tensors": pack_compressed}
+UNPACKERS = {"gptq": unpack_gptq, "awq": unpack_awq, "compressed-tensors": unpack_compressed}
