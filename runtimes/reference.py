@@ -1,6 +1,9 @@
 """The PyTorch reference: transformers' MiniCPMV4_6ForConditionalGeneration in float32.
 
-Every artifact is compared against this runtime.
+Every artifact is compared against this runtime. It implements the whole `Runtime` interface
+(images laid out by transformers' own processor, `<image_id>` tags included; a stateful
+prefill/extend on transformers' cache), so checkpoints that load through transformers (the
+GPTQ/AWQ/compressed-tensors folders, runtimes/hf_quant.py) are validated like any artifact.
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ import numpy as np
 
 from convert.checkpoint import Checkpoint
 
-from .base import Runtime
+from .base import Chunk, Prefill, Runtime
 
 
 class ReferenceRuntime(Runtime):
     name = "transformers"
+    capabilities = frozenset({"text", "image"})
 
-    def __init__(self, model: str | Path | Checkpoint, *, n_threads: int | None = None, dtype: str = "float32"):
+    def unsupported(self, kind: str) -> str:
+        if kind == "video":
+            return "the harness's video scenarios are not wired to transformers' video processor yet"
+        return super().unsupported(kind)
+
+    def __init__(self, model: str | Path | Checkpoint, *, n_threads: int | None = None, dtype: str = "float32",
+                 mode: str = "16x"):
         import torch
         from transformers import MiniCPMV4_6ForConditionalGeneration
 
@@ -28,6 +38,11 @@ class ReferenceRuntime(Runtime):
         self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
             self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
         self.tokenizer = self.ckpt.tokenizer
+        self.mode = mode  # token mode of image_layout / prefill images
+        self.n_vocab = int(self.model.config.text_config.vocab_size)
+        self._cache = None
+        self._n_past = 0
+        self.last_timings: dict[str, float] = {}
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         if special:
@@ -44,12 +59,25 @@ class ReferenceRuntime(Runtime):
             out = self.model(input_ids=ids, use_cache=False)
         return out.logits[0].float().numpy()
 
-    def greedy(self, tokens: list[int], n: int) -> list[int]:
-        with self.torch.no_grad():
-            ids = self.torch.tensor([tokens], dtype=self.torch.long)
-            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return [int(t) for t in out[0, len(tokens):]]
+    def greedy(self, tokens: list[int], n: int, *, fresh: bool = True) -> list[int]:
+        """Greedy decoding on transformers' cache (no stop at EOS); fresh=False continues the
+        current memory. Afterwards the memory holds the prompt and the n tokens."""
+        import time
+
+        if fresh:
+            self.reset()
+        if not tokens and self._n_past == 0:
+            raise ValueError("greedy needs at least one prompt token")
+        t0 = time.perf_counter()
+        last = self.extend(list(tokens))[-1] if tokens else self._last
+        t1 = time.perf_counter()
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(np.argmax(last)))
+            last = self.extend([out[-1]])[-1]
+        self.last_timings = {"prefill_s": t1 - t0, "n_prefill": len(tokens), "decode_s": time.perf_counter() - t1,
+                             "n_decode": n}
+        return out
 
     def image_inputs(self, image, mode: str = "16x") -> dict:
         """Processor outputs for one image (pixel_values, target_sizes) in `mode`."""
@@ -102,5 +130,80 @@ class ReferenceRuntime(Runtime):
                                                         downsample_mode=mode)
         return [f.float().numpy() for f in feats.pooler_output]
 
+    # -- the stateful Runtime interface ---------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def reset(self) -> None:
+        self._cache = None
+        self._n_past = 0
+
+    def _forward(self, embeds):
+        """Run [1, n, hidden] embeddings on top of the current cache; float32 [n, n_vocab]."""
+        torch = self.torch
+        n = embeds.shape[1]
+        pos = torch.arange(self._n_past, self._n_past + n)[None]
+        with torch.no_grad():
+            out = self.model(inputs_embeds=embeds, past_key_values=self._cache, use_cache=True, position_ids=pos)
+        self._cache = out.past_key_values
+        self._n_past += n
+        logits = out.logits[0].float().numpy()
+        self._last = logits[-1]
+        return logits
+
+    def extend(self, tokens) -> np.ndarray:
+        if not len(tokens):
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        return self._forward(self._embeds([list(tokens)]))
+
+    def image_layout(self, image) -> list[Chunk]:
+        """transformers' processor's expansion of one image: `<image_id>`, `<image>`, slices, as
+        text chunks around one image chunk per overview/slice."""
+        proc = self.ckpt.processor
+        enc = proc(text=["<|image_pad|>"], images=[[image]], downsample_mode=self.mode, return_tensors="pt")
+        ids = [int(t) for t in enc["input_ids"][0]]
+        pad = int(self.model.config.image_token_id)
+        chunks: list[Chunk] = []
+        run: list[int] = []
+        for t in ids + [-1]:
+            is_pad = t == pad
+            if run and (is_pad != (run[0] == pad) or t == -1):
+                if run[0] == pad:
+                    chunks.append(Chunk("image", len(run), len(run)))
+                else:
+                    chunks.append(Chunk("text", len(run), len(run), tuple(run)))
+                run = []
+            if t != -1:
+                run.append(t)
+        # the trailing text the processor may add after the placeholder ("\n" is ours) stays in the prompt
+        return chunks
+
+    def prefill(self, parts, *, fresh: bool = True) -> Prefill:
+        if fresh:
+            self.reset()
+        segs: list = []
+        chunks: list[Chunk] = []
+        for part in parts:
+            if isinstance(part, (list, tuple, np.ndarray)):
+                ids = [int(t) for t in part]
+                if ids:
+                    segs.append(ids)
+                    chunks.append(Chunk("text", len(ids), len(ids), tuple(ids)))
+                continue
+            feats = iter(self.image_embeddings(part, mode=self.mode))
+            for c in self.image_layout(part):
+                segs.append(list(c.tokens) if c.kind == "text" else next(feats))
+                chunks.append(c)
+        start = self._n_past
+        logits = self._forward(self._embeds(segs)) if segs else np.empty((0, self.n_vocab), np.float32)
+        text = np.concatenate([np.full(len(s), not (isinstance(s, np.ndarray) and s.dtype.kind == "f")) for s in segs]) \
+            if segs else np.zeros(0, bool)
+        toks = [t for c in chunks if c.kind == "text" for t in c.tokens]
+        pos = np.arange(start, self._n_past)[text]
+        return Prefill(chunks, toks, pos.astype(np.int64), logits[text], self._n_past)
+
     def close(self) -> None:
         self.model = None
+        self._cache = None

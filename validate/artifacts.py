@@ -47,7 +47,7 @@ class GGUFInfo:
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
-    path = Path(path)
+    path = Path(path).absolute()  # the runtime's child process runs from another folder
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     try:

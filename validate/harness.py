@@ -112,7 +112,8 @@ class Harness:
         tensor_fail, tensor_bound, n = [], 0, 0
         meta = []
         for info in [art.decoder, *art.mmproj.values()]:
-            for tc in check_tensors(self.ckpt, info.path, imatrix=self.imatrix if info.kind == "decoder" else None):
+            for tc in check_tensors(self.ckpt, info.path, imatrix=self.imatrix if info.kind == "decoder" else None,
+                                    progress=not self.quiet):
                 n += 1
                 if tc.status == "fail":
                     tensor_fail.append(tc.message)
