@@ -142,9 +142,11 @@ class GPTQ:
                     scales[:, g], zeros[:, g] = scale, zero
                 elif col % gs == 0:
                     # the group's current values: this block's updated columns, then later blocks'
+                    # columns with the update this block owes them so far (pending until i2)
                     grp = W1[:, i:i + gs]
                     if grp.shape[1] < gs:
-                        grp = torch.cat([grp, W[:, i2:col + gs]], 1)
+                        rest = W[:, i2:col + gs] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:col + gs]
+                        grp = torch.cat([grp, rest], 1)
                     scale, zero = quant_params(grp, scheme)
                     scales[:, col // gs], zeros[:, col // gs] = scale, zero
                 w = W1[:, i]

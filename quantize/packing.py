@@ -124,6 +124,9 @@ def check(qw: QuantizedWeight, fmt: str) -> None:
         raise ConvertError(f"{qw.name}: codes outside [0, {qw.scheme.maxq}]")
     if int(qw.zeros.min()) < 0 or int(qw.zeros.max()) > qw.scheme.maxq:
         raise ConvertError(f"{qw.name}: zero points outside [0, {qw.scheme.maxq}]")
+    if qw.scheme.sym and not bool((qw.zeros == (1 << (bits - 1))).all()):
+        # readers of sym checkpoints (e.g. vLLM's Marlin) assume the zero point and never read qzeros
+        raise ConvertError(f"{qw.name}: the scheme is symmetric but some zero points differ from {1 << (bits - 1)}")
     if fmt == "gptq":
         if in_f % pf or out_f % pf:
             raise ConvertError(f"{qw.name}: GPTQ packing needs both dims divisible by {pf}, got {out_f}x{in_f}")

@@ -160,6 +160,7 @@ class Runtime(ABC):
 RUNTIMES: dict[str, str] = {
     "llama.cpp": "runtimes.llamacpp:LlamaCppRuntime",
     "transformers": "runtimes.reference:ReferenceRuntime",
+    "transformers-quant": "runtimes.hf_quant:HFQuantRuntime",
 }
 
 

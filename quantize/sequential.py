@@ -1,0 +1,510 @@
+"""The layer-by-layer driver shared by GPTQ, AWQ and the RTN baseline, and the output-error metric.
+
+Pass (GPTQ, AWQ): transformers' float32 reference runs every calibration sample (image + text
+through MiniCPM-V's processor) up to the first decoder layer; the layer inputs (hidden states)
+and the keyword arguments each decoder layer type receives (position embeddings, masks, ...)
+are captured, batch 1, one entry per sample. Then, for each decoder layer in turn: the captured
+inputs run through the layer with forward pre-hooks summing, per *input site* (the activation a
+set of linears share, e.g. the output of input_layernorm read by q/k/v), Σ|x| and Σ x xᵀ; the
+layer's linears are quantized and their weights replaced by the dequantized ones; and the
+layer's outputs, computed with the quantized layer, become the next layer's inputs. Memory: one
+copy of the hidden states of all samples plus one layer's statistics.
+
+* GPTQ is "true sequential": the sites are processed in forward order (attention inputs,
+  attention output projection, MLP inputs, down_proj), each with statistics collected after the
+  earlier sites of the layer were quantized (a pass stops at the hooked site).
+* AWQ collects all sites of the layer in one pass (AutoAWQ's order), searches and folds every
+  scale, then clips and quantizes.
+* RTN needs no activations and no model pass.
+
+Defaults: every linear of the decoder layers is quantized except `DENSE` (the Gated DeltaNet's
+in_proj_a / in_proj_b, 16 rows each on the real model, left dense by every reference tool);
+embeddings, lm_head, the vision tower and the merger are not touched (conv1d is not a linear).
+
+Calibration size rule: at least `MIN_TOKENS_PER_FEATURE` × (input features of the widest
+quantized linear) tokens, since Σ x xᵀ of an n-input linear has rank ≤ the token count and a
+rank-deficient Hessian leaves GPTQ's solution to the dampening (and AWQ's clip search blind in
+the missing directions). On the real model that is 3584 tokens (down_proj), 7 samples of 512.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+
+from convert.errors import ConvertError
+from convert.spec import FULL, LINEAR
+
+from . import awq as awq_mod
+from .awq import FoldGroup
+from .gptq import GPTQ
+from .qweight import QuantizedWeight, Scheme
+from .rtn import check_scheme, group_size_for, rtn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from convert.checkpoint import Checkpoint
+
+    from .calibration import Sample
+
+__all__ = ["METHODS", "DENSE", "MIN_TOKENS_PER_FEATURE", "Site", "layer_sites", "QuantizationResult",
+           "quantize_model", "output_errors", "effective_weight", "compare_errors", "LAYERS_PREFIX"]
+
+METHODS = ("rtn", "gptq", "awq")
+LAYERS_PREFIX = "model.language_model.layers"
+DENSE = ("linear_attn.in_proj_a", "linear_attn.in_proj_b")
+MIN_TOKENS_PER_FEATURE = 1.0
+
+
+@dataclass(frozen=True)
+class Site:
+    """Linears reading one activation (names relative to the decoder layer; the first is hooked)
+    and, for AWQ, the op producing it and how a scale folds into that op (None: no fold)."""
+
+    name: str
+    linears: tuple[str, ...]
+    smooth: str | None = None
+    fold: str | None = None
+    tie: int = 1
+
+
+def layer_sites(spec, layer_type: str) -> tuple[Site, ...]:
+    """The input sites of a decoder layer type, in forward order (quantization.md §2.3)."""
+    mlp = (Site("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "offset_norm"),
+           Site("mlp_out", ("mlp.down_proj",), "mlp.up_proj", "linear_rows"))
+    if layer_type == LINEAR:
+        return (Site("attn_in", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                                 "linear_attn.in_proj_a"), "input_layernorm", "offset_norm"),
+                Site("attn_out", ("linear_attn.out_proj",), "linear_attn.norm", "gated_norm",
+                     tie=spec.text.linear_num_value_heads)) + mlp
+    if layer_type == FULL:
+        # v_proj -> o_proj is not a fold: GQA repeats v heads and the sigmoid gate sits between.
+        return (Site("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
+                     "offset_norm"),
+                Site("attn_out", ("self_attn.o_proj",))) + mlp
+    raise ConvertError(f"quantization: unsupported decoder layer type {layer_type!r}")
+
+
+@dataclass
+class QuantizationResult:
+    method: str
+    scheme: Scheme
+    weights: dict[str, QuantizedWeight]  # module name -> quantized weight (AWQ: of the scaled weight)
+    # HF tensor name -> float32 tensor: AWQ's folded norms and scaled (unclipped, unquantized) weights
+    # of every linear a scale touched, in_proj_a/b included; with these the float model is unchanged.
+    dense_updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    # AWQ: module name -> s; the linear's input is x / s (its columns were multiplied by s) ...
+    in_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    # ... and its rows were divided by s (up_proj before down_proj).
+    out_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    def dense_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """dense_updates without the weights of quantized linears (their packed form replaces them):
+        what a quantized checkpoint writer takes next to `weights`."""
+        packed = {f"{n}.weight" for n in self.weights}
+        return {k: v for k, v in self.dense_updates.items() if k not in packed}
+
+
+def effective_weight(result: QuantizationResult, name: str) -> torch.Tensor:
+    """The quantized weight of `name` expressed for the original (unfolded) model's inputs."""
+    w = result.weights[name].dequantize()
+    if name in result.out_scales:
+        w = w * result.out_scales[name][:, None]
+    if name in result.in_scales:
+        w = w / result.in_scales[name][None, :]
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# capturing the decoder's inputs
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class _Item:
+    name: str
+    hidden: torch.Tensor  # [1, T, hidden]
+    kwargs: dict[str, dict]  # decoder layer type -> keyword arguments the layer receives
+    n_image_tokens: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.hidden.shape[1])
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for a decoder layer during capture: records the inputs and passes them on, so
+    the real layers before the first one of every type do not run."""
+
+    def __init__(self, index: int, layer_type: str, record: dict, first: bool, last: bool):
+        super().__init__()
+        self.index, self.layer_type, self.record, self.first, self.last = index, layer_type, record, first, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise ConvertError("quantization: unexpected positional arguments to a decoder layer")
+        if self.index == 0:
+            self.record["hidden"] = hidden_states.detach()
+        if self.first:
+            self.record["kwargs"][self.layer_type] = kwargs
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _decoder_layers(model):
+    try:
+        return model.model.language_model.layers
+    except AttributeError:
+        raise ConvertError("quantization: the model has no model.language_model.layers") from None
+
+
+def _capture(model, ckpt, samples, *, seqlen: int, mode: str | None, quiet: bool) -> list[_Item]:
+    from tqdm import tqdm
+
+    from .calibration import encode_sample
+
+    layers = _decoder_layers(model)
+    types = ckpt.spec.text.layer_types
+    firsts = {t: types.index(t) for t in dict.fromkeys(types)}
+    last = max(firsts.values())
+    proc = ckpt.processor
+    mode = mode or getattr(proc.image_processor, "downsample_mode", None) or ckpt.spec.downsample_mode
+    saved = [layers[i] for i in range(last + 1)]
+    record: dict = {}
+    items = []
+    try:
+        for i in range(last + 1):
+            layers[i] = _Catcher(i, types[i], record, firsts[types[i]] == i, i == last)
+        for s in tqdm(samples, desc="calibration inputs", unit="sample", disable=quiet, leave=False):
+            enc = encode_sample(proc, s, seqlen=seqlen, mode=mode)
+            kw = {}
+            if enc.pixel_values is not None:
+                kw = dict(pixel_values=enc.pixel_values, target_sizes=enc.target_sizes)
+            record.clear()
+            record["kwargs"] = {}
+            try:
+                model.model(input_ids=enc.input_ids, use_cache=False, downsample_mode=mode, **kw)
+            except _Stop:
+                pass
+            if "hidden" not in record:
+                raise ConvertError(f"quantization: sample {s.name} never reached the decoder layers")
+            h = record["hidden"].to(torch.float32)
+            if not torch.isfinite(h).all():
+                raise ConvertError(f"quantization: non-finite (NaN/Inf) decoder inputs for calibration sample {s.name}")
+            items.append(_Item(s.name, h, dict(record["kwargs"]), enc.n_image_tokens))
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer statistics
+
+
+class _InputStats:
+    """Σ|x| and Σ x xᵀ (float64; each sample's product in float32) of one input site."""
+
+    def __init__(self, n: int, label: str):
+        self.label = label
+        self.abs_sum = torch.zeros(n, dtype=torch.float64)
+        self.gram = torch.zeros(n, n, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, sample: str) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise ConvertError(f"quantization: non-finite (NaN/Inf) activations at the input of {self.label} "
+                               f"on calibration sample {sample}")
+        self.abs_sum += x.abs().sum(0).to(torch.float64)
+        self.gram += (x.T @ x).to(torch.float64)
+        self.count += int(x.shape[0])
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.count, 1)).to(torch.float32)
+
+
+def _layer_forward(layer, item: _Item, layer_type: str) -> torch.Tensor:
+    out = layer(item.hidden, **item.kwargs[layer_type])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _collect(layer, items: list[_Item], layer_type: str, sites: Sequence[Site], prefix: str) -> dict[str, _InputStats]:
+    """Statistics of `sites` (forward order) over all items; each pass stops after the last site."""
+    stats: dict[str, _InputStats] = {}
+    current = {"sample": ""}
+    handles = []
+
+    def hook(site: Site, st: _InputStats, stop: bool):
+        def h(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            st.add(x, current["sample"])
+            if stop:
+                raise _Stop
+
+        return h
+
+    try:
+        for k, site in enumerate(sites):
+            lin = layer.get_submodule(site.linears[0])
+            st = stats[site.name] = _InputStats(int(lin.in_features), f"{prefix}.{site.linears[0]}")
+            handles.append(lin.register_forward_pre_hook(hook(site, st, k == len(sites) - 1), with_kwargs=True))
+        for item in items:
+            current["sample"] = item.name
+            try:
+                _layer_forward(layer, item, layer_type)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def _propagate(layer, items: list[_Item], layer_type: str, prefix: str) -> None:
+    for item in items:
+        out = _layer_forward(layer, item, layer_type).detach()
+        if not torch.isfinite(out).all():
+            raise ConvertError(f"quantization: non-finite (NaN/Inf) outputs of {prefix} on calibration sample {item.name}")
+        item.hidden = out
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+def _targets(site: Site, skip: Sequence[str]) -> tuple[str, ...]:
+    return tuple(n for n in site.linears if n not in skip)
+
+
+def _check_layers(model, spec, scheme: Scheme, skip: Sequence[str]) -> tuple[str, int]:
+    """Every linear of every decoder layer is known; the group size fits every target.
+    Returns (name, in_features) of the widest target."""
+    widest = ("", 0)
+    for li, layer in enumerate(_decoder_layers(model)):
+        prefix = f"{LAYERS_PREFIX}.{li}"
+        sites = layer_sites(spec, spec.text.layer_types[li])
+        known = {n for s in sites for n in s.linears}
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name not in known:
+                raise ConvertError(f"quantization: {prefix}.{name} is a linear layer the quantizer does not know")
+        for s in sites:
+            for n in _targets(s, skip):
+                lin = layer.get_submodule(n)
+                group_size_for(scheme, int(lin.in_features), f"{prefix}.{n}")
+                if lin.in_features > widest[1]:
+                    widest = (f"{prefix}.{n}", int(lin.in_features))
+    return widest
+
+
+def _set_weight(lin, w: torch.Tensor) -> None:
+    lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+
+def _gptq_site(layer, site: Site, st: _InputStats, scheme: Scheme, prefix: str, skip, damp: float,
+               block_size: int, out: QuantizationResult) -> None:
+    for n in _targets(site, skip):
+        lin = layer.get_submodule(n)
+        name = f"{prefix}.{n}"
+        g = GPTQ(lin, name)
+        g.set_hessian(st.gram, st.count)
+        qw = g.quantize(scheme, damp=damp, block_size=block_size)
+        _set_weight(lin, qw.dequantize())
+        out.weights[name] = qw
+        out.stats.setdefault("damp", {})[name] = g.damp_used
+        g.free()
+
+
+def _awq_layer(layer, sites: Sequence[Site], stats: dict[str, _InputStats], scheme: Scheme, prefix: str, skip,
+               clip: bool, out: QuantizationResult) -> None:
+    touched: set[str] = set()
+    for site in sites:
+        targets = _targets(site, skip)
+        if site.fold is None or not targets:
+            continue
+        st = stats[site.name]
+        group = FoldGroup(site.smooth, site.fold, targets, tuple(n for n in site.linears if n not in targets), site.tie)
+        gain = awq_mod.smooth_gain(layer.get_submodule(site.smooth), site.fold)
+        frozen = None
+        if gain is not None:
+            g = gain.abs()  # per channel, or per tied channel (the gated norm's w is per head dim)
+            frozen = g < awq_mod.GAIN_EPS * g.max()
+        names = [f"{prefix}.{n}" for n in targets]
+        weights = [layer.get_submodule(n).weight.detach().to(torch.float32) for n in targets]
+        s, info = awq_mod.search_scale(st.x_mean, st.gram, weights, scheme, names, tie=site.tie, frozen=frozen)
+        awq_mod.fold_scale(layer, group, s)
+        full = s.repeat(site.tie) if site.tie > 1 else s
+        # the activation is now x / s: keep the statistics in step for the clip search
+        st.gram /= torch.outer(full, full).to(torch.float64)
+        st.abs_sum /= full.to(torch.float64)
+        for n in group.linears + group.dense:
+            out.in_scales[f"{prefix}.{n}"] = full.clone()
+            touched.add(n)
+        touched.add(site.smooth)
+        if site.fold == "linear_rows":
+            out.out_scales[f"{prefix}.{site.smooth}"] = s.clone()
+        out.stats.setdefault("awq_ratio", {})[f"{prefix}.{site.smooth}"] = info["ratio"]
+    for n in sorted(touched):
+        out.dense_updates[f"{prefix}.{n}.weight"] = layer.get_submodule(n).weight.detach().to(torch.float32).clone()
+    for site in sites:
+        for n in _targets(site, skip):
+            lin = layer.get_submodule(n)
+            name = f"{prefix}.{n}"
+            do_clip = clip and n.rsplit(".", 1)[-1] not in awq_mod.CLIP_SKIP
+            qw = awq_mod.quantize_clipped(lin.weight.detach(), stats[site.name].gram, scheme, name, clip=do_clip)
+            _set_weight(lin, qw.dequantize())
+            out.weights[name] = qw
+
+
+def _run_threads(n_threads):
+    old = torch.get_num_threads()
+    if n_threads:
+        torch.set_num_threads(int(n_threads))
+    return old
+
+
+def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Sequence["Sample"] | None = None, *,
+                   seqlen: int = 512, mode: str | None = None, model=None, skip: Sequence[str] = DENSE,
+                   damp: float = 0.01, block_size: int = 128, clip: bool = True, quiet: bool = False,
+                   n_threads: int | None = None) -> QuantizationResult:
+    """Quantize the decoder's linears of `ckpt` with `method` ("rtn", "gptq", "awq").
+
+    samples: calibration samples (quantize.calibration), not needed for RTN. model: a loaded
+    float32 reference to use (it is modified in place: folded and fake-quantized); by default one
+    is loaded. n_threads: torch threads for the run (default: convert.gguf.imatrix.DEFAULT_THREADS).
+    """
+    from tqdm import tqdm
+
+    from convert.gguf.imatrix import DEFAULT_THREADS, _hf_quiet, load_reference_model
+
+    if method not in METHODS:
+        raise ConvertError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
+    check_scheme(scheme)
+    if method != "gptq" and (scheme.act_order or scheme.static_groups):
+        raise ConvertError(f"act-order and static groups are GPTQ options, not {method.upper()}'s")
+    spec = ckpt.spec
+    t0 = time.perf_counter()
+    old = _run_threads(DEFAULT_THREADS if n_threads is None else n_threads)
+    try:
+        with _hf_quiet(quiet):
+            if model is None:
+                model = load_reference_model(ckpt, quiet=quiet)
+            model.eval()
+            widest = _check_layers(model, spec, scheme, skip)
+            out = QuantizationResult(method, scheme, {})
+            layers = _decoder_layers(model)
+            if method == "rtn":
+                for li, layer in enumerate(layers):
+                    for site in layer_sites(spec, spec.text.layer_types[li]):
+                        for n in _targets(site, skip):
+                            name = f"{LAYERS_PREFIX}.{li}.{n}"
+                            lin = layer.get_submodule(n)
+                            out.weights[name] = rtn(lin.weight, scheme, name, lin.bias)
+                out.stats.update(seconds=time.perf_counter() - t0)
+                return out
+
+            samples = list(samples or [])
+            need = int(MIN_TOKENS_PER_FEATURE * widest[1])
+            if len(samples) * seqlen < need:
+                raise ConvertError(_few_tokens(method, len(samples) * seqlen, widest, need, "at most "))
+            items = _capture(model, ckpt, samples, seqlen=seqlen, mode=mode, quiet=quiet)
+            n_tok = sum(it.n_tokens for it in items)
+            if n_tok < need:
+                raise ConvertError(_few_tokens(method, n_tok, widest, need, ""))
+            for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
+                prefix = f"{LAYERS_PREFIX}.{li}"
+                lt = spec.text.layer_types[li]
+                sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
+                if method == "gptq":
+                    for site in sites:  # true sequential: each site sees the quantized earlier ones
+                        st = _collect(layer, items, lt, [site], prefix)[site.name]
+                        _gptq_site(layer, site, st, scheme, prefix, skip, damp, block_size, out)
+                else:
+                    stats = _collect(layer, items, lt, sites, prefix)
+                    _awq_layer(layer, sites, stats, scheme, prefix, skip, clip, out)
+                _propagate(layer, items, lt, prefix)
+            out.stats.update(tokens=n_tok, samples=len(items), image_tokens=sum(it.n_image_tokens for it in items),
+                             seconds=time.perf_counter() - t0)
+            return out
+    finally:
+        torch.set_num_threads(old)
+
+
+def _few_tokens(method, n, widest, need, qual) -> str:
+    return (f"{method.upper()} needs at least {need} calibration tokens (the widest quantized layer, {widest[0]}, has "
+            f"{widest[1]} input features), the samples give {qual}{n}; use more samples or a longer seqlen")
+
+
+# ---------------------------------------------------------------------------------------------
+# the acceptance metric
+
+
+def output_errors(ckpt: "Checkpoint", results, samples: Sequence["Sample"], *, seqlen: int = 512,
+                  mode: str | None = None, model=None, squared: bool = True, quiet: bool = False,
+                  n_threads: int | None = None):
+    """Output error per quantized linear: ‖W X − Ŵ X‖²_F / N (squared=True; GPTQ's layer-wise
+    objective, the quantity GPTQ and AWQ minimise, additive over tokens and output channels) or
+    its square root, ‖W X − Ŵ X‖_F / √N. X [in, N] = the linear's inputs in the *original float*
+    model on `samples` (held-out calibration data; every method is measured on the same X, which
+    is not what the sequential passes quantized against); Ŵ = the result's weight mapped back to
+    the original model's inputs (effective_weight: AWQ's scales undone). Computed layer by layer
+    from Σ x xᵀ.
+
+    results: one QuantizationResult -> {name: error}; a mapping label -> result -> {label: {name: error}}.
+    model: an unmodified float32 reference (default: loaded).
+    """
+    from tqdm import tqdm
+
+    from convert.gguf.imatrix import DEFAULT_THREADS, _hf_quiet, load_reference_model
+
+    single = not isinstance(results, Mapping)
+    res = {"": results} if single else dict(results)
+    spec = ckpt.spec
+    errs: dict[str, dict[str, float]] = {k: {} for k in res}
+    old = _run_threads(DEFAULT_THREADS if n_threads is None else n_threads)
+    try:
+        with _hf_quiet(quiet):
+            if model is None:
+                model = load_reference_model(ckpt, quiet=quiet)
+            model.eval()
+            items = _capture(model, ckpt, list(samples), seqlen=seqlen, mode=mode, quiet=quiet)
+            for li, layer in enumerate(tqdm(_decoder_layers(model), desc="output error", unit="layer",
+                                            disable=quiet, leave=False)):
+                prefix = f"{LAYERS_PREFIX}.{li}"
+                lt = spec.text.layer_types[li]
+                sites = layer_sites(spec, lt)
+                stats = _collect(layer, items, lt, sites, prefix)
+                for site in sites:
+                    for n in site.linears:
+                        name = f"{prefix}.{n}"
+                        w = layer.get_submodule(n).weight.detach().to(torch.float32)
+                        for k, r in res.items():
+                            if name in r.weights:
+                                st = stats[site.name]
+                                e = max(awq_mod.output_error(w, effective_weight(r, name), st.gram), 0.0) / st.count
+                                errs[k][name] = e if squared else e ** 0.5
+                _propagate(layer, items, lt, prefix)
+    finally:
+        torch.set_num_threads(old)
+    return errs[""] if single else errs
+
+
+def compare_errors(errors: Mapping[str, float], baseline: Mapping[str, float]) -> dict:
+    """Summed-error ratio and the share of linears with a smaller error than the baseline's."""
+    names = sorted(set(errors) & set(baseline))
+    if not names:
+        raise ConvertError("no quantized linears in common to compare")
+    total, base = sum(errors[n] for n in names), sum(baseline[n] for n in names)
+    better = sum(errors[n] < baseline[n] for n in names)
+    return {"sum": total, "baseline_sum": base, "ratio": total / base if base else float("inf"),
+            "better": better, "count": len(names), "better_fraction": better / len(names)}
