@@ -118,6 +118,27 @@ def validate_outputs(args, ckpt, out: Path, paths: list[Path]) -> int:
     return report["exit_code"]
 
 
+def validate_hf_folder(args, ckpt, out: Path) -> int:
+    """Validate a quantized HF checkpoint just written by `python -m quantize gptq|awq` with the
+    harness (transformers through the real loaders); failures keep the folder, marked in its manifest."""
+    from validate.artifacts import mark_manifest, read_hf_quantized
+    from validate.cli import REPORT_HTML, REPORT_JSON, validate_and_report
+    from validate.harness import Profile
+
+    art = read_hf_quantized(out)
+    profile = Profile()
+    if getattr(args, "threads", None):
+        profile.threads = args.threads
+    print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
+    report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
+                                 json_out=out / REPORT_JSON, html_out=out / REPORT_HTML, speed_anchor=False)
+    status = "pass" if report["exit_code"] == 0 else "fail"
+    mark_manifest(out, {p.name: status for p in art.files})
+    if status == "fail":
+        print(f"validation failed: the checkpoint is kept and marked failed in {out / 'manifest.json'}")
+    return report["exit_code"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m convert", description="Export MiniCPM-V 4.6 to edge formats.")
     sub = ap.add_subparsers(dest="cmd", required=True)

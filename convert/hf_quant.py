@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from quantize.packing import PACKERS, check, group_size_of, trivial_g_idx
-from quantize.qweight import QuantizedWeight
+from quantize.qweight import QuantizedWeight, Scheme
 
 from . import manifest
 from .checkpoint import Checkpoint
@@ -325,7 +325,8 @@ def _check_out_dir(ckpt: Checkpoint, out_dir: Path, force: bool) -> None:
 def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, QuantizedWeight], out_dir: str | os.PathLike,
                                fmt: str, *, dense_updates: dict[str, torch.Tensor] | None = None,
                                dtype: torch.dtype | str | None = None, meta: dict | None = None, quiet: bool = False,
-                               force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                               force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                               extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write `out_dir`, a complete HF checkpoint folder holding `result_weights` in format `fmt`.
 
     result_weights: HF module name (e.g. "model.language_model.layers.0.mlp.up_proj") -> its result;
@@ -335,6 +336,8 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
     dtype: the model's float dtype, used for compressed-tensors scales (default: the source's).
     meta: algorithm facts recorded in quantization_config["meta"] (damp_percent, true_sequential,
         calibration, ...).
+    extra_tensors: file name -> tensors, side files loaders ignore (AWQ's scales, which let the GGUF
+        exporter rebuild the folded full-precision weights from the source).
     An out_dir holding an earlier output of this tool is replaced whole; a folder holding anything
     else is refused unless force=True, which replaces it (its files are deleted).
     """
@@ -363,6 +366,11 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
         cfg = {**ckpt.config, "quantization_config": qcfg}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copied = _copy_side_files(ckpt.path, tmp)
+        from safetensors.torch import save_file
+
+        for fname, tdict in sorted((extra_tensors or {}).items()):
+            save_file({k: v.contiguous() for k, v in sorted(tdict.items())}, str(tmp / fname))
+            copied.append(tmp / fname)
         from .gguf.export import source_info
 
         entries = [manifest.artifact_entry(p, kind="weights" if p.suffix == ".safetensors" else "index", format=fmt)
@@ -385,3 +393,49 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
         print(f"wrote {out_dir}: {fmt}, {len(result_weights)} quantized linears, {len(weights)} weight file(s), "
               f"{size / 2**20:.2f} MiB")
     return out_dir
+
+
+# -- reading a folder back ------------------------------------------------------------------------
+
+# packed tensor suffixes per format: a module M is quantized when M.<first suffix> exists
+PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
+                   "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                                          "weight_g_idx")}
+
+
+def scheme_of(qcfg: dict) -> tuple[str, Scheme]:
+    """(format, scheme) of a quantization_config this module writes (or a compatible one)."""
+    fmt = qcfg.get("quant_method")
+    if fmt == "gptq":
+        return fmt, Scheme(int(qcfg["bits"]), int(qcfg["group_size"]), bool(qcfg.get("sym", True)),
+                           bool(qcfg.get("desc_act", False)), bool(qcfg.get("static_groups", False)))
+    if fmt == "awq":
+        return fmt, Scheme(int(qcfg["bits"]), int(qcfg["group_size"]), not bool(qcfg.get("zero_point", True)))
+    if fmt == "compressed-tensors":
+        w = next(iter(qcfg["config_groups"].values()))["weights"]
+        return fmt, Scheme(int(w["num_bits"]), int(w.get("group_size") or -1), bool(w.get("symmetric", True)),
+                           w.get("actorder") is not None)
+    raise ConvertError(f"quant_method {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def read_quantized(folder: str | os.PathLike) -> tuple[str, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """(format, {module: QuantizedWeight}, {tensor: dense tensor}) of a quantized folder."""
+    from safetensors import safe_open
+
+    from quantize.packing import UNPACKERS
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    fmt, scheme = scheme_of(cfg.get("quantization_config") or {})
+    raw: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                raw[k] = sf.get_tensor(k)
+    suffixes = PACKED_SUFFIXES[fmt]
+    modules = sorted(k[: -len(suffixes[0]) - 1] for k in raw if k.endswith("." + suffixes[0]))
+    weights = {}
+    for m in modules:
+        parts = {s: raw.pop(f"{m}.{s}") for s in suffixes if f"{m}.{s}" in raw}
+        weights[m] = UNPACKERS[fmt](parts, scheme, m)
+    return fmt, weights, raw

@@ -92,20 +92,67 @@ class Artifact:
     def size_bytes(self) -> int:
         return self.decoder.path.stat().st_size
 
+    @property
+    def label(self) -> str:
+        """The decoder's type: the key of its tolerances."""
+        return self.decoder.type_label
+
+    runtime: str | None = None  # None: the profile's (llama.cpp)
+
     def describe(self) -> dict:
         return {"decoder": str(self.decoder.path), "mmproj": {m: str(i.path) for m, i in self.mmproj.items()}}
 
+    def runtime_kwargs(self, mode: str, profile) -> dict:
+        mm = self.mmproj.get(mode)
+        return {"decoder": str(self.decoder.path), "mmproj": str(mm.path) if mm else None,
+                "n_ctx": profile.n_ctx, "n_threads": profile.threads}
+
+    def static_checks(self, ckpt: Checkpoint, *, imatrix=None, quiet: bool = True) -> list[dict]:
+        """Manifest hashes; every tensor against dequant(quant(source after transforms)); every key."""
+        from .weights import check_metadata, check_tensors
+
+        checks = [manifest_check(self)]
+        tensor_fail, tensor_bound, n = [], 0, 0
+        meta = []
+        for info in [self.decoder, *self.mmproj.values()]:
+            for tc in check_tensors(ckpt, info.path, imatrix=imatrix if info.kind == "decoder" else None,
+                                    progress=not quiet):
+                n += 1
+                if tc.status == "fail":
+                    tensor_fail.append(tc.message)
+                elif tc.status == "bound":
+                    tensor_bound += 1
+            meta += check_metadata(ckpt, info.path)
+        extra = f" ({tensor_bound} within the re-quantization bound: imatrix not given)" if tensor_bound else ""
+        checks.append({"check": "tensors", "status": "fail" if tensor_fail else "pass",
+                       "message": tensor_fail[0] if tensor_fail else f"{n} tensors equal dequant(quant(source)){extra}",
+                       "details": tensor_fail})
+        checks.append({"check": "metadata", "status": "fail" if meta else "pass",
+                       "message": meta[0] if meta else "every key and the tokenizer as the converter writes them",
+                       "details": meta})
+        return checks
+
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
+        """The source quantized with this artifact's tensor types (None for F32: the fp32 reference is it)."""
+        if self.label == "F32":
+            return None
+        from .references import Reference
+
+        return Reference.fake_quant(ckpt, self.files, threads=threads, imatrix=imatrix)
+
 
 def discover(folder: str | Path | None = None, decoder: str | Path | None = None,
-             mmproj: list[str | Path] | None = None) -> list[Artifact]:
-    """Artifacts in `folder` (every decoder GGUF, sharing the folder's projectors), or the one
-    given by `decoder` and `mmproj`."""
+             mmproj: list[str | Path] | None = None) -> list:
+    """Artifacts in `folder` (every decoder GGUF, sharing the folder's projectors; or the folder
+    itself when it is a quantized HF checkpoint), or the one given by `decoder` and `mmproj`."""
     if (folder is None) == (decoder is None):
         raise ConvertError("give an artifacts folder or --decoder FILE (not both)")
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
             raise ConvertError(f"{folder}: no such folder")
+        if (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
+            return [read_hf_quantized(folder)]  # a GPTQ / AWQ / compressed-tensors checkpoint
         infos = [read_gguf(p) for p in sorted(folder.glob("*.gguf"))]
         decoders = [i for i in infos if i.kind == "decoder"]
         if not decoders:
@@ -128,9 +175,16 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
     return [Artifact(d, dict(by_mode), Path(folder) if folder is not None else d.path.parent) for d in decoders]
 
 
-def check_same_model(ckpt: Checkpoint, art: Artifact) -> None:
+def check_same_model(ckpt: Checkpoint, art) -> None:
     """Refuse artifacts made from another model (bad input, not a validation failure)."""
     t, v = ckpt.spec.text, ckpt.spec.vision
+    if isinstance(art, HFArtifact):
+        tc = art.config.get("text_config", {})
+        for k, val in (("num_hidden_layers", t.num_layers), ("hidden_size", t.hidden_size), ("vocab_size", t.vocab_size)):
+            if k in tc and tc[k] != val:
+                raise ConvertError(f"{art.folder.name} was made from another model: text_config.{k} is {tc[k]}, "
+                                   f"the checkpoint {ckpt.name} has {val}")
+        return
     want = {"qwen35.block_count": t.num_layers, "qwen35.embedding_length": t.hidden_size,
             "qwen35.attention.head_count": t.num_heads}
     dkv = art.decoder.kv
@@ -142,6 +196,8 @@ def check_same_model(ckpt: Checkpoint, art: Artifact) -> None:
     if emb and emb[0][-1] != t.vocab_size:
         raise ConvertError(f"{art.decoder.path.name} was made from another model: vocabulary {emb[0][-1]}, "
                            f"the checkpoint {ckpt.name} has {t.vocab_size}")
+    if isinstance(art, HFArtifact):
+        return
     for p in art.mmproj.values():
         pw = {"clip.vision.block_count": v.num_layers, "clip.vision.embedding_length": v.hidden_size,
               "clip.vision.projection_dim": t.hidden_size}
@@ -183,3 +239,94 @@ def mark_manifest(folder: Path, status_by_file: dict[str, str]) -> None:
         if a["file"] in status_by_file:
             a["validation"] = status_by_file[a["file"]]
     manifest.write_doc(folder, m)
+
+
+@dataclass
+class _BuiltinProjector:
+    """An HF checkpoint's vision tower, as the harness's projector tolerances see it."""
+
+    path: Path
+    type_label: str
+
+
+@dataclass
+class HFArtifact:
+    """A quantized HF checkpoint folder (GPTQ, AWQ or compressed-tensors), run by transformers
+    through the real loaders (runtimes/hf_quant.py)."""
+
+    folder: Path
+    config: dict
+    dtype: str = "float16"  # the runtime's compute dtype (the loaders' kernels are fp16)
+    runtime: str | None = "transformers-quant"
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def qcfg(self) -> dict:
+        return self.config["quantization_config"]
+
+    @property
+    def label(self) -> str:
+        q = self.qcfg
+        return str(q.get("quant_method", "unknown"))
+
+    @property
+    def mmproj(self) -> dict[str, _BuiltinProjector]:
+        lab = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[self.dtype]
+        return {m: _BuiltinProjector(self.folder, lab) for m in ("16x", "4x")}
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.safetensors")) + [self.folder / "config.json"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("model*.safetensors"))
+
+    def describe(self) -> dict:
+        return {"folder": str(self.folder), "format": self.label}
+
+    def runtime_kwargs(self, mode: str, profile) -> dict:
+        return {"model": str(self.folder), "mode": mode, "n_threads": profile.threads, "dtype": self.dtype}
+
+    def static_checks(self, ckpt: Checkpoint, *, imatrix=None, quiet: bool = True) -> list[dict]:
+        from .hf_checks import check_hf_quantized
+
+        checks = [manifest_check_folder(self.folder, self.files)]
+        checks.append(check_hf_quantized(ckpt, self.folder, quiet=quiet))
+        return checks
+
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
+        from .references import Reference
+
+        return Reference.from_hf_quantized(ckpt, self.folder, threads=threads, dtype=self.dtype)
+
+
+def read_hf_quantized(folder: str | Path) -> HFArtifact:
+    import json
+
+    folder = Path(folder).absolute()
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{folder}: no readable config.json ({e})") from None
+    if "quantization_config" not in cfg:
+        raise ConvertError(f"{folder}: not a quantized checkpoint (config.json has no quantization_config)")
+    if cfg.get("model_type") != "minicpmv4_6":
+        raise ConvertError(f"{folder}: model_type {cfg.get('model_type')!r} is not minicpmv4_6")
+    return HFArtifact(folder, cfg)
+
+
+def manifest_check_folder(folder: Path, files: list[Path]) -> dict:
+    m = manifest.read(folder)
+    if m is None:
+        return {"check": "manifest", "status": "skipped", "message": "no manifest.json in the folder"}
+    entries = {a["file"]: a for a in m.get("artifacts", [])}
+    bad = [f.name for f in files if f.name in entries and
+           (entries[f.name].get("size") != f.stat().st_size or entries[f.name].get("sha256") != manifest.sha256_file(f))]
+    if bad:
+        return {"check": "manifest", "status": "fail", "message": f"{bad[0]}: sha256/size differ from manifest.json",
+                "details": bad}
+    return {"check": "manifest", "status": "pass", "message": f"{sum(f.name in entries for f in files)} file(s) match"}

@@ -23,7 +23,7 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 
-from .artifacts import Artifact, check_same_model, manifest_check
+from .artifacts import Artifact, check_same_model
 from .metrics import compare_logits, cosine
 from .process import RuntimeFailure, RuntimeProcess
 from .references import Reference
@@ -105,41 +105,16 @@ class Harness:
 
     # -- one artifact ------------------------------------------------------------------------------
 
-    def static_checks(self, art: Artifact) -> list[dict]:
-        from .weights import check_metadata, check_tensors
-
-        checks = [manifest_check(art)]
-        tensor_fail, tensor_bound, n = [], 0, 0
-        meta = []
-        for info in [art.decoder, *art.mmproj.values()]:
-            for tc in check_tensors(self.ckpt, info.path, imatrix=self.imatrix if info.kind == "decoder" else None,
-                                    progress=not self.quiet):
-                n += 1
-                if tc.status == "fail":
-                    tensor_fail.append(tc.message)
-                elif tc.status == "bound":
-                    tensor_bound += 1
-            meta += check_metadata(self.ckpt, info.path)
-        extra = f" ({tensor_bound} within the re-quantization bound: imatrix not given)" if tensor_bound else ""
-        checks.append({"check": "tensors", "status": "fail" if tensor_fail else "pass",
-                       "message": tensor_fail[0] if tensor_fail else f"{n} tensors equal dequant(quant(source)){extra}",
-                       "details": tensor_fail})
-        checks.append({"check": "metadata", "status": "fail" if meta else "pass",
-                       "message": meta[0] if meta else "every key and the tokenizer as the converter writes them",
-                       "details": meta})
-        return checks
-
     def validate_artifact(self, art: Artifact, scenarios: list[Scenario], anchor: dict | None = None) -> dict:
         check_same_model(self.ckpt, art)
         t0 = time.monotonic()
-        row: dict = {"name": art.name, "runtime": self.profile.runtime, "files": art.describe(),
-                     "quant": art.decoder.type_label,
+        runtime = art.runtime or self.profile.runtime
+        row: dict = {"name": art.name, "runtime": runtime, "files": art.describe(), "quant": art.label,
                      "projector_quant": {m: i.type_label for m, i in art.mmproj.items()},
-                     "size_bytes": sum(f.stat().st_size for f in art.files), "status": "pass", "error": None,
-                     "checks": self.static_checks(art), "scenarios": []}
-        fq = None
-        if self.fake_quant and art.decoder.type_label != "F32":
-            fq = Reference.fake_quant(self.ckpt, art.files, threads=self.profile.threads, imatrix=self.imatrix)
+                     "size_bytes": art.size_bytes, "status": "pass", "error": None,
+                     "checks": art.static_checks(self.ckpt, imatrix=self.imatrix, quiet=self.quiet), "scenarios": []}
+        fq = art.fake_quant_reference(self.ckpt, threads=self.profile.threads, imatrix=self.imatrix) \
+            if self.fake_quant else None
         deadline = time.monotonic() + self.profile.timeout_s
         modes = sorted({s.mode for s in scenarios if s.needs_vision} | {"16x"}, key=lambda m: m != "16x")
         done: set[str] = set()
@@ -152,10 +127,9 @@ class Harness:
                 if not todo:
                     continue
                 mm = art.mmproj.get(mode)
-                kwargs = {"decoder": str(art.decoder.path), "mmproj": str(mm.path) if mm else None,
-                          "n_ctx": self.profile.n_ctx, "n_threads": self.profile.threads}
+                kwargs = art.runtime_kwargs(mode, self.profile)
                 try:
-                    with RuntimeProcess(self.profile.runtime, kwargs, deadline=deadline, env=self.env) as proc:
+                    with RuntimeProcess(runtime, kwargs, deadline=deadline, env=self.env) as proc:
                         try:
                             for sc in todo:
                                 row["scenarios"].append(self._scenario(proc, sc, art, mm, fq))
@@ -311,7 +285,7 @@ class Harness:
         out["greedy"] = {"steps": sc.greedy, "teacher_forced": True, "reference": ref_toks, "artifact": art_toks,
                          "first_divergence": div,
                          "reference_text": tok.decode(ref_toks), "artifact_text": tok.decode(art_toks)}
-        tol = _lookup(self.tol["decoder"], art.decoder.type_label)
+        tol = _lookup(self.tol["decoder"], art.label)
         for ref_name, limits in tol.items():
             m = out["metrics"].get(ref_name)
             if m is None:
@@ -390,15 +364,14 @@ def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scen
     out = h.scratch / "anchor-f16"
     export_gguf(h.ckpt, out, quant="f16", mode="both" if len(modes) > 1 else modes[0], quiet=True)
     art = discover(out)[0]
-    kwargs = {"decoder": str(art.decoder.path), "mmproj": str(art.mmproj[modes[0]].path) if art.mmproj else None,
-              "n_ctx": h.profile.n_ctx, "n_threads": h.profile.threads}
+    kwargs = art.runtime_kwargs(modes[0], h.profile)
     try:
         with RuntimeProcess(h.profile.runtime, kwargs, deadline=time.monotonic() + h.profile.timeout_s,
                             env=h.env) as proc:
             speed = h._speed(proc, scenarios, art.mmproj.get(modes[0]))
     except RuntimeFailure:
         return None
-    return {"name": art.name + " (temporary anchor)", "size_bytes": sum(f.stat().st_size for f in art.files), "speed": speed}
+    return {"name": art.name + " (temporary anchor)", "size_bytes": art.size_bytes, "speed": speed}
 
 
 def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[Scenario], *,
@@ -413,15 +386,15 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
     t0 = time.monotonic()
     h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env)
     try:
-        f16 = [a for a in artifacts if a.decoder.type_label == "F16"]
+        f16 = [a for a in artifacts if a.label == "F16"]
         order = f16[:1] + [a for a in artifacts if a not in f16[:1]]
         rows: dict[str, dict] = {}
         anchor = None
         for a in order:
-            if anchor is None and speed_anchor and a.decoder.type_label != "F16":
+            if anchor is None and speed_anchor and a.label != "F16":
                 anchor = _anchor_artifact(h, artifacts, scenarios)
             row = h.validate_artifact(a, scenarios, anchor)
-            if anchor is None and a.decoder.type_label == "F16":
+            if anchor is None and a.label == "F16":
                 anchor = {"name": a.name, "size_bytes": row["size_bytes"], "speed": dict(row.get("speed", {}))}
                 row["size_ratio_f16"] = 1.0
                 row["speed"]["ratio_f16"] = {k: 1.0 for k in row["speed"] if k != "ratio_f16"}

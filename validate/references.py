@@ -50,6 +50,23 @@ class Reference:
         emulate_matmul_inputs(rt.model, types)
         return cls("fake-quant", rt)
 
+    @classmethod
+    def from_hf_quantized(cls, ckpt: Checkpoint, folder: Path, threads: int | None = None,
+                          dtype: str = "float16") -> "Reference":
+        """The source model carrying a quantized HF folder's own weights: its dense tensors (AWQ's
+        folded norms included) and every quantized linear dequantized, computed in float32. What is
+        left between the loaders' output and this is their arithmetic (float16) and any misloading."""
+        from convert.hf_quant import read_quantized
+
+        from .weights import load_fake_quant
+
+        _, weights, dense = read_quantized(folder)
+        sd = {k: v.float() for k, v in dense.items()}
+        sd.update({f"{m}.weight": qw.dequantize() for m, qw in weights.items()})
+        rt = ReferenceRuntime(ckpt, n_threads=threads)
+        load_fake_quant(rt, sd)
+        return cls("fake-quant", rt)
+
     @property
     def tokenizer(self):
         return self.rt.tokenizer
