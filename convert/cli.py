@@ -17,6 +17,7 @@ from .errors import ConvertError
 def open_model(args) -> "Checkpoint":  # noqa: F821
     """`--model`, or the embedded default (built on first use) with a line saying so. Shared by the CLIs."""
     from .checkpoint import Checkpoint
+    from .quantized_source import open_checkpoint
 
     if args.model is None:
         from .synth.build import default_model
@@ -24,7 +25,8 @@ def open_model(args) -> "Checkpoint":  # noqa: F821
         path = default_model(quiet=args.quiet)
         print(f"no --model given: using the embedded default, the tiny synthetic MiniCPM-V 4.6 ({path})")
         return Checkpoint(path)
-    return Checkpoint(args.model)
+    # a GPTQ/AWQ/compressed-tensors folder is read as a dense float checkpoint (convert/quantized_source.py)
+    return open_checkpoint(args.model, awq_source=getattr(args, "awq_source", None))
 
 
 def cmd_synth(args) -> int:
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-embedding-type", help="llama-quantize override for token_embd.weight")
     g.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="llama-quantize override: tensors whose name matches PATTERN (regex search) get TYPE; repeatable")
+    g.add_argument("--awq-source", help="--model is an AWQ folder: its full-precision source checkpoint, if not where "
+                   "the folder's manifest.json says (the folded weights are rebuilt from it)")
     g.add_argument("--imatrix", help="importance matrix (llama.cpp's imatrix GGUF or .dat; see `python -m quantize imatrix`)")
     g.add_argument("--dry-run", action="store_true", help="print every tensor's type, size and bits per weight; write nothing")
     g.add_argument("--mode", default="16x", help="projector downsample mode: 16x (default), 4x or both")
@@ -181,8 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
+def quiet_third_party_logs() -> None:
+    """torchao (pulled in by the hf-quant extra) makes torch log deprecation warnings on import;
+    they would break the one-line error contract on stderr."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse and dispatch; a ConvertError becomes one line on stderr and its exit code. Shared by the CLIs."""
+    quiet_third_party_logs()
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -65,6 +65,8 @@ class HFQuantRuntime(ReferenceRuntime):
 
     name = "transformers-quant"
 
+    reads_dense_view = False  # always the real loaders, even when handed a QuantizedCheckpoint
+
     def __init__(self, model: str | Path | Checkpoint, *, n_threads: int | None = None, dtype: str = "float16", **kwargs):
         ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
         qcfg = ckpt.config.get("quantization_config")

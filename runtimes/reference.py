@@ -26,6 +26,12 @@ class ReferenceRuntime(Runtime):
             return "the harness's video scenarios are not wired to transformers' video processor yet"
         return super().unsupported(kind)
 
+    # A quantized folder opened as a dense float view (convert.quantized_source.QuantizedCheckpoint,
+    # `dense_view = True`) is loaded from that view, so the reference computes exactly the model the
+    # exporters read. Subclasses that load through transformers' quantized loaders (HFQuantRuntime)
+    # set this False.
+    reads_dense_view = True
+
     def __init__(self, model: str | Path | Checkpoint, *, n_threads: int | None = None, dtype: str = "float32",
                  mode: str = "16x"):
         import torch
@@ -35,14 +41,28 @@ class ReferenceRuntime(Runtime):
         if n_threads:
             torch.set_num_threads(n_threads)
         self.torch = torch
-        self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
-            self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
+        if getattr(self.ckpt, "dense_view", False) and self.reads_dense_view:
+            self.model = self._from_dense_view(dtype)
+        else:
+            self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
+                self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
         self.tokenizer = self.ckpt.tokenizer
         self.mode = mode  # token mode of image_layout / prefill images
         self.n_vocab = int(self.model.config.text_config.vocab_size)
         self._cache = None
         self._n_past = 0
         self.last_timings: dict[str, float] = {}
+
+    def _from_dense_view(self, dtype: str):
+        """The model built from config.json without its quantization_config (transformers would
+        otherwise swap in the quantized linears) and loaded with the view's float32 tensors."""
+        from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+        torch = self.torch
+        cfg = MiniCPMV4_6Config.from_dict({k: v for k, v in self.ckpt.config.items() if k != "quantization_config"})
+        sd = {n: torch.from_numpy(self.ckpt.tensor(n)) for n in self.ckpt.names()}
+        return MiniCPMV4_6ForConditionalGeneration.from_pretrained(None, config=cfg, state_dict=sd,
+                                                                   dtype=getattr(torch, dtype)).eval()
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         if special:

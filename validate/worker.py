@@ -122,6 +122,9 @@ def main(argv: list[str]) -> int:
         wout.write(json.dumps(msg) + "\n")
         wout.flush()
 
+    from convert.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
     try:
         kwargs = json.loads(rin.readline())
         import importlib
