@@ -35,6 +35,15 @@ def _peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB elsewhere
 
 
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS (no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _image(path: str):
     from PIL import Image
 
@@ -74,6 +83,8 @@ class Worker:
         return {"files": files, "seconds": dt}
 
     def op_pixels(self, req):
+        """The runtime's own preprocessed pixels. For llama.cpp this is the numpy replica of mtmd,
+        not the runtime, so its memory is left out of the runtime's peak RSS (see main)."""
         chunks = self.rt.image_pixels(_image(req["image"]))
         if chunks is None:
             return {"files": None}
@@ -117,8 +128,12 @@ def main(argv: list[str]) -> int:
     rin = os.fdopen(rfd, "r", encoding="utf-8")
     wout = os.fdopen(wfd, "w", encoding="utf-8")
 
-    def send(msg: dict) -> None:
-        msg["peak_rss_mb"] = _peak_rss_mb()
+    peak = [0.0]
+
+    def send(msg: dict, *, count_peak: bool = True) -> None:
+        if count_peak:
+            peak[0] = max(peak[0], _peak_rss_mb())
+        msg["peak_rss_mb"] = peak[0]
         wout.write(json.dumps(msg) + "\n")
         wout.flush()
 
@@ -143,6 +158,15 @@ def main(argv: list[str]) -> int:
         if op == "exit":
             break
         try:
+            if op == "pixels":  # not the runtime's memory: measured, then the high-water mark reset
+                peak[0] = max(peak[0], _peak_rss_mb())
+                ans = worker.op_pixels(req)
+                import gc
+
+                gc.collect()
+                _reset_peak_rss()
+                send({"ok": True, **ans}, count_peak=False)
+                continue
             send({"ok": True, **getattr(worker, f"op_{op}")(req)})
         except Exception as e:
             tb = traceback.format_exc(limit=3)
