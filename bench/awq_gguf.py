@@ -37,7 +37,6 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
 
-    from convert import Checkpoint
     from convert.gguf.export import export_gguf
     from convert.gguf.imatrix import collect_imatrix
     from convert.hf_quant import write_quantized_checkpoint
@@ -46,21 +45,15 @@ def main() -> int:
     from quantize.imatrix import write_imatrix_gguf
     from quantize.qweight import Scheme
     from quantize.sequential import quantize_model
-    from recipes import load
     from runtimes.llamacpp import LlamaCppRuntime
     from runtimes.reference import ReferenceRuntime
     from validate.metrics import logits_agreement
 
-    if args.model:
-        ckpt = Checkpoint(args.model)
-    else:
-        from convert.synth.build import default_model
+    from common import held_out_ids, open_checkpoint
 
-        ckpt = Checkpoint(default_model())
+    ckpt = open_checkpoint(args.model)
     ref = ReferenceRuntime(ckpt, n_threads=args.threads)
-    ids = []
-    for conv in load("chat_prompts")["conversations"]:
-        ids += ref.tokenize(ref.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    ids = [t for p in held_out_ids(ref.tokenizer) for t in p]
     ref_logits = ref.logits(ids)
     ref.close()
     n_params = sum(math.prod(ckpt.info(n).shape) for n in ckpt.names() if n.startswith("model.language_model."))

@@ -36,24 +36,18 @@ def main() -> int:
 
     import torch
 
-    from convert import Checkpoint
     from convert.gguf.imatrix import load_reference_model
     from quantize.calibration import load_calibration
     from quantize.qweight import Scheme
     from quantize.sequential import effective_weight, quantize_model
-    from recipes import load
     from validate.metrics import compare_logits
     from validate.scenarios import TextPart, build_turns, load_scenarios
 
-    if args.model:
-        ckpt = Checkpoint(args.model)
-    else:
-        from convert.synth.build import default_model
+    from common import held_out_ids, open_checkpoint
 
-        ckpt = Checkpoint(default_model())
+    ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
-               for c in load("chat_prompts")["conversations"]]
+    prompts = held_out_ids(tok)
     for sc in load_scenarios("text"):
         prompts.append([t for turn in build_turns(sc, tok) for p in turn if isinstance(p, TextPart) for t in p.ids])
     base = load_reference_model(ckpt, quiet=True)
