@@ -154,7 +154,8 @@ def _add_quant_parser(sub, method: str) -> None:
                    help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES}; half of the default set's carry an image)")
     q.add_argument("--seqlen", type=int, default=512, help="max tokens per sample (default 512)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    q.add_argument("--threads", type=int, help="torch threads (default 1, robust on a shared machine, as for imatrix; "
+                                                "0: torch's default, one per core)")
     q.add_argument("--no-validate", action="store_true", help="skip validating the checkpoint against the reference")
     q.add_argument("--scenarios", default="default", help="validation scenario set (default, quick, text, images)")
     q.add_argument("--force", action="store_true", help="replace a folder that holds other files")
