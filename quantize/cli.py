@@ -165,7 +165,7 @@ def _add_quant_parser(sub, method: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, SETS
-    from convert.gguf.imatrix import DEFAULT_THREADS
+    from runtimes.reference import DEFAULT_THREADS
 
     ap = argparse.ArgumentParser(prog="python -m quantize", description="Quantization tools for MiniCPM-V 4.6.")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -385,7 +385,8 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
     """
     from tqdm import tqdm
 
-    from convert.gguf.imatrix import DEFAULT_THREADS, _hf_quiet, load_reference_model
+    from runtimes.reference import DEFAULT_THREADS, load_reference_model
+    from runtimes.reference import hf_quiet as _hf_quiet
 
     if method not in METHODS:
         raise ConvertError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
@@ -465,7 +466,8 @@ def output_errors(ckpt: "Checkpoint", results, samples: Sequence["Sample"], *, s
     """
     from tqdm import tqdm
 
-    from convert.gguf.imatrix import DEFAULT_THREADS, _hf_quiet, load_reference_model
+    from runtimes.reference import DEFAULT_THREADS, load_reference_model
+    from runtimes.reference import hf_quiet as _hf_quiet
 
     single = not isinstance(results, Mapping)
     res = {"": results} if single else dict(results)

@@ -8,11 +8,13 @@ GPTQ/AWQ/compressed-tensors folders, runtimes/hf_quant.py) are validated like an
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from convert.checkpoint import Checkpoint
+from convert.errors import ConvertError
 
 from .base import Chunk, Prefill, Runtime
 
@@ -227,3 +229,39 @@ class ReferenceRuntime(Runtime):
     def close(self) -> None:
         self.model = None
         self._cache = None
+
+
+# torch threads for collection. On a 2-core machine shared with other work, torch's default
+# (one thread per core) ran the tiny model's samples up to 70x slower than one thread (spinning
+# OpenMP workers); one thread is the robust default, more are opt-in.
+DEFAULT_THREADS = 1
+
+
+@contextlib.contextmanager
+def hf_quiet(quiet: bool):
+    """No transformers loading bars or warnings (e.g. about its slow kernel fallbacks) when quiet."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_reference_model(ckpt: Checkpoint, *, quiet: bool = False):
+    """transformers' MiniCPMV4_6ForConditionalGeneration in float32 (the project's reference)."""
+    try:
+        with hf_quiet(quiet):
+            return ReferenceRuntime(ckpt).model
+    except ConvertError:
+        raise
+    except Exception as e:  # transformers raises many types on a bad folder
+        raise ConvertError(f"{ckpt.path}: cannot load the model ({e.__class__.__name__}: {str(e)[:200]})") from None

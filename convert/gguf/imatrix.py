@@ -8,7 +8,6 @@ module is the glue between the converter's name tables and that format.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -131,42 +130,9 @@ class ImatrixCollector:
         return out
 
 
-# torch threads for collection. On a 2-core machine shared with other work, torch's default
-# (one thread per core) ran the tiny model's samples up to 70x slower than one thread (spinning
-# OpenMP workers); one thread is the robust default, more are opt-in.
-DEFAULT_THREADS = 1
-
-
-@contextlib.contextmanager
-def _hf_quiet(quiet: bool):
-    """No transformers loading bars or warnings (e.g. about its slow kernel fallbacks) when quiet."""
-    if not quiet:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def load_reference_model(ckpt: "Checkpoint", *, quiet: bool = False):
-    """transformers' MiniCPMV4_6ForConditionalGeneration in float32 (the project's reference)."""
-    from runtimes.reference import ReferenceRuntime
-
-    try:
-        with _hf_quiet(quiet):
-            return ReferenceRuntime(ckpt).model
-    except ConvertError:
-        raise
-    except Exception as e:  # transformers raises many types on a bad folder
-        raise ConvertError(f"{ckpt.path}: cannot load the model ({e.__class__.__name__}: {str(e)[:200]})") from None
+# The reference model loader lives with the reference runtime, where quantize/ can use it too
+# (quantize must not import convert); re-exported here for this module's callers.
+from runtimes.reference import DEFAULT_THREADS, hf_quiet as _hf_quiet, load_reference_model  # noqa: E402,F401
 
 
 def collect_imatrix(ckpt: "Checkpoint", samples: Iterable["Sample"], *, seqlen: int, mode: str | None = None,
