@@ -43,7 +43,7 @@ class Reference:
 
         rt = ReferenceRuntime(ckpt, n_threads=threads)
         types: dict = {}
-        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types))
+        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types), restore=False)
         embed = "model.language_model.embed_tokens.weight"
         if ckpt.spec.tie_word_embeddings and embed in types:
             types.setdefault("lm_head.weight", types[embed])  # llama.cpp's output matmul reads token_embd
@@ -64,7 +64,7 @@ class Reference:
         sd = {k: v.float() for k, v in dense.items()}
         sd.update({f"{m}.weight": qw.dequantize() for m, qw in weights.items()})
         rt = ReferenceRuntime(ckpt, n_threads=threads)
-        load_fake_quant(rt, sd)
+        load_fake_quant(rt, sd, restore=False)
         return cls("fake-quant", rt)
 
     @property

@@ -557,17 +557,21 @@ def _whole(ckpt: Checkpoint, p: TensorPlan) -> np.ndarray:
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
 
-def load_fake_quant(reference_runtime, state_dict: dict) -> dict:
+def load_fake_quant(reference_runtime, state_dict: dict, *, restore: bool = True) -> dict:
     """Load `state_dict` (HF names) into the reference's transformers model; returns the replaced
     values, so `load_fake_quant(rt, returned)` restores the model. With tied embeddings lm_head
-    follows embed_tokens (llama.cpp's output matmul reads the quantized token_embd too)."""
+    follows embed_tokens (llama.cpp's output matmul reads the quantized token_embd too).
+
+    restore=False keeps no copies and empties `state_dict` as it goes (tensors are copied into
+    the model in place): on the full-size model that is 10 GB less at the peak."""
+    import torch
+
     model = reference_runtime.model
     own = model.state_dict()
-    sd = dict(state_dict)
+    sd = state_dict if not restore else dict(state_dict)
     embed = "model.language_model.embed_tokens.weight"
-    if (reference_runtime.ckpt.spec.tie_word_embeddings and embed in sd and "lm_head.weight" in own
-            and "lm_head.weight" not in sd):
-        sd["lm_head.weight"] = sd[embed]
+    tied = (reference_runtime.ckpt.spec.tie_word_embeddings and embed in sd and "lm_head.weight" in own
+            and "lm_head.weight" not in sd)
     unknown = [k for k in sd if k not in own]
     if unknown:
         raise ConvertError(f"{len(unknown)} fake-quantized tensor(s) the reference model does not have, e.g. {unknown[0]}")
@@ -575,6 +579,13 @@ def load_fake_quant(reference_runtime, state_dict: dict) -> dict:
     if bad:
         raise ConvertError(f"fake-quantized {bad[0]} has shape {list(sd[bad[0]].shape)}, "
                            f"the reference model's is {list(own[bad[0]].shape)}")
-    previous = {k: own[k].detach().clone() for k in sd}
-    model.load_state_dict(sd, strict=False)
+    targets = {k: [k, "lm_head.weight"] if tied and k == embed else [k] for k in sd}
+    # copies first: a tied lm_head shares embed_tokens' storage, so copying one changes the other
+    previous = {t: own[t].detach().clone() for ts in targets.values() for t in ts} if restore else {}
+    with torch.no_grad():
+        for k in list(sd):
+            v = sd.pop(k) if not restore else sd[k]
+            for t in targets[k]:
+                own[t].copy_(v.to(own[t].dtype))  # shares storage with the parameter: in place
+            del v
     return previous
