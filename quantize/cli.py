@@ -114,8 +114,9 @@ def cmd_gptq_awq(args) -> int:
     if args.cmd == "awq":
         # the scales let `python -m convert gguf --model DIR` rebuild the folded full-precision
         # weights from the source instead of re-quantizing dequantized int4 weights
-        extra = {"awq_scales.safetensors": {**{f"{n}.in_scale": s.float() for n, s in result.in_scales.items()},
-                                            **{f"{n}.out_scale": s.float() for n, s in result.out_scales.items()}}}
+        from convert.quantized_source import AWQ_SCALES
+
+        extra = {AWQ_SCALES: result.scale_tensors()}
     out = write_quantized_checkpoint(ckpt, result.weights, args.out, fmt, dense_updates=result.dense_for_checkpoint(),
                                      meta=meta, quiet=args.quiet, force=args.force, extra_tensors=extra)
     print(f"{args.cmd.upper()} {scheme.bits}-bit g{scheme.group_size} {'sym' if scheme.sym else 'asym'} -> {fmt}: "

@@ -29,6 +29,7 @@ the missing directions). On the real model that is 3584 tokens (down_proj), 7 sa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -108,14 +109,25 @@ class QuantizationResult:
         return {k: v for k, v in self.dense_updates.items() if k not in packed}
 
 
+    def scale_tensors(self) -> dict[str, torch.Tensor]:
+        """AWQ's scales as the side file of a quantized checkpoint holds them ("M.in_scale",
+        "M.out_scale"): what rebuilds the folded full-precision weights from the source."""
+        return {**{f"{n}.in_scale": s.float() for n, s in self.in_scales.items()},
+                **{f"{n}.out_scale": s.float() for n, s in self.out_scales.items()}}
+
+
+def unscale(w: torch.Tensor, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """A weight of the folded model mapped back to the original model's inputs and outputs."""
+    if out_scale is not None:
+        w = w * out_scale[:, None]
+    if in_scale is not None:
+        w = w / in_scale[None, :]
+    return w
+
+
 def effective_weight(result: QuantizationResult, name: str) -> torch.Tensor:
     """The quantized weight of `name` expressed for the original (unfolded) model's inputs."""
-    w = result.weights[name].dequantize()
-    if name in result.out_scales:
-        w = w * result.out_scales[name][:, None]
-    if name in result.in_scales:
-        w = w / result.in_scales[name][None, :]
-    return w
+    return unscale(result.weights[name].dequantize(), result.in_scales.get(name), result.out_scales.get(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,11 +378,23 @@ def _awq_layer(layer, sites: Sequence[Site], stats: dict[str, _InputStats], sche
             out.weights[name] = qw
 
 
-def _run_threads(n_threads):
+@contextlib.contextmanager
+def _reference_session(ckpt: "Checkpoint", model, *, quiet: bool, n_threads: int | None):
+    """The float32 reference (loaded unless given) with transformers quiet and torch's thread
+    count set for the run (DEFAULT_THREADS unless given), restored afterwards."""
+    from runtimes.reference import DEFAULT_THREADS, hf_quiet, load_reference_model
+
     old = torch.get_num_threads()
-    if n_threads:
-        torch.set_num_threads(int(n_threads))
-    return old
+    n = DEFAULT_THREADS if n_threads is None else n_threads
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        with hf_quiet(quiet):
+            if model is None:
+                model = load_reference_model(ckpt, quiet=quiet)
+            yield model.eval()
+    finally:
+        torch.set_num_threads(old)
 
 
 def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Sequence["Sample"] | None = None, *,
@@ -385,9 +409,6 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
     """
     from tqdm import tqdm
 
-    from runtimes.reference import DEFAULT_THREADS, load_reference_model
-    from runtimes.reference import hf_quiet as _hf_quiet
-
     if method not in METHODS:
         raise ConvertError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
     check_scheme(scheme)
@@ -395,50 +416,44 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
         raise ConvertError(f"act-order and static groups are GPTQ options, not {method.upper()}'s")
     spec = ckpt.spec
     t0 = time.perf_counter()
-    old = _run_threads(DEFAULT_THREADS if n_threads is None else n_threads)
-    try:
-        with _hf_quiet(quiet):
-            if model is None:
-                model = load_reference_model(ckpt, quiet=quiet)
-            model.eval()
-            widest = _check_layers(model, spec, scheme, skip)
-            out = QuantizationResult(method, scheme, {})
-            layers = _decoder_layers(model)
-            if method == "rtn":
-                for li, layer in enumerate(layers):
-                    for site in layer_sites(spec, spec.text.layer_types[li]):
-                        for n in _targets(site, skip):
-                            name = f"{LAYERS_PREFIX}.{li}.{n}"
-                            lin = layer.get_submodule(n)
-                            out.weights[name] = rtn(lin.weight, scheme, name, lin.bias)
-                out.stats.update(seconds=time.perf_counter() - t0)
-                return out
-
-            samples = list(samples or [])
-            need = int(MIN_TOKENS_PER_FEATURE * widest[1])
-            if len(samples) * seqlen < need:
-                raise ConvertError(_few_tokens(method, len(samples) * seqlen, widest, need, "at most "))
-            items = _capture(model, ckpt, samples, seqlen=seqlen, mode=mode, quiet=quiet)
-            n_tok = sum(it.n_tokens for it in items)
-            if n_tok < need:
-                raise ConvertError(_few_tokens(method, n_tok, widest, need, ""))
-            for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
-                prefix = f"{LAYERS_PREFIX}.{li}"
-                lt = spec.text.layer_types[li]
-                sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
-                if method == "gptq":
-                    for site in sites:  # true sequential: each site sees the quantized earlier ones
-                        st = _collect(layer, items, lt, [site], prefix)[site.name]
-                        _gptq_site(layer, site, st, scheme, prefix, skip, damp, block_size, out)
-                else:
-                    stats = _collect(layer, items, lt, sites, prefix)
-                    _awq_layer(layer, sites, stats, scheme, prefix, skip, clip, out)
-                _propagate(layer, items, lt, prefix)
-            out.stats.update(tokens=n_tok, samples=len(items), image_tokens=sum(it.n_image_tokens for it in items),
-                             seconds=time.perf_counter() - t0)
+    with _reference_session(ckpt, model, quiet=quiet, n_threads=n_threads) as model:
+        widest = _check_layers(model, spec, scheme, skip)
+        out = QuantizationResult(method, scheme, {})
+        layers = _decoder_layers(model)
+        if method == "rtn":
+            for li, layer in enumerate(layers):
+                for site in layer_sites(spec, spec.text.layer_types[li]):
+                    for n in _targets(site, skip):
+                        name = f"{LAYERS_PREFIX}.{li}.{n}"
+                        lin = layer.get_submodule(n)
+                        out.weights[name] = rtn(lin.weight, scheme, name, lin.bias)
+            out.stats.update(seconds=time.perf_counter() - t0)
             return out
-    finally:
-        torch.set_num_threads(old)
+
+        samples = list(samples or [])
+        need = int(MIN_TOKENS_PER_FEATURE * widest[1])
+        if len(samples) * seqlen < need:
+            raise ConvertError(_few_tokens(method, len(samples) * seqlen, widest, need, "at most "))
+        items = _capture(model, ckpt, samples, seqlen=seqlen, mode=mode, quiet=quiet)
+        n_tok = sum(it.n_tokens for it in items)
+        if n_tok < need:
+            raise ConvertError(_few_tokens(method, n_tok, widest, need, ""))
+        for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
+            prefix = f"{LAYERS_PREFIX}.{li}"
+            lt = spec.text.layer_types[li]
+            sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
+            if method == "gptq":
+                for site in sites:  # true sequential: each site sees the quantized earlier ones
+                    st = _collect(layer, items, lt, [site], prefix)[site.name]
+                    _gptq_site(layer, site, st, scheme, prefix, skip, damp, block_size, out)
+            else:
+                stats = _collect(layer, items, lt, sites, prefix)
+                _awq_layer(layer, sites, stats, scheme, prefix, skip, clip, out)
+            _propagate(layer, items, lt, prefix)
+        out.stats.update(tokens=n_tok, samples=len(items), image_tokens=sum(it.n_image_tokens for it in items),
+                         seconds=time.perf_counter() - t0)
+        return out
+
 
 
 def _few_tokens(method, n, widest, need, qual) -> str:
@@ -466,38 +481,29 @@ def output_errors(ckpt: "Checkpoint", results, samples: Sequence["Sample"], *, s
     """
     from tqdm import tqdm
 
-    from runtimes.reference import DEFAULT_THREADS, load_reference_model
-    from runtimes.reference import hf_quiet as _hf_quiet
-
     single = not isinstance(results, Mapping)
     res = {"": results} if single else dict(results)
     spec = ckpt.spec
     errs: dict[str, dict[str, float]] = {k: {} for k in res}
-    old = _run_threads(DEFAULT_THREADS if n_threads is None else n_threads)
-    try:
-        with _hf_quiet(quiet):
-            if model is None:
-                model = load_reference_model(ckpt, quiet=quiet)
-            model.eval()
-            items = _capture(model, ckpt, list(samples), seqlen=seqlen, mode=mode, quiet=quiet)
-            for li, layer in enumerate(tqdm(_decoder_layers(model), desc="output error", unit="layer",
-                                            disable=quiet, leave=False)):
-                prefix = f"{LAYERS_PREFIX}.{li}"
-                lt = spec.text.layer_types[li]
-                sites = layer_sites(spec, lt)
-                stats = _collect(layer, items, lt, sites, prefix)
-                for site in sites:
-                    for n in site.linears:
-                        name = f"{prefix}.{n}"
-                        w = layer.get_submodule(n).weight.detach().to(torch.float32)
-                        for k, r in res.items():
-                            if name in r.weights:
-                                st = stats[site.name]
-                                e = max(awq_mod.output_error(w, effective_weight(r, name), st.gram), 0.0) / st.count
-                                errs[k][name] = e if squared else e ** 0.5
-                _propagate(layer, items, lt, prefix)
-    finally:
-        torch.set_num_threads(old)
+    with _reference_session(ckpt, model, quiet=quiet, n_threads=n_threads) as model:
+        items = _capture(model, ckpt, list(samples), seqlen=seqlen, mode=mode, quiet=quiet)
+        for li, layer in enumerate(tqdm(_decoder_layers(model), desc="output error", unit="layer",
+                                        disable=quiet, leave=False)):
+            prefix = f"{LAYERS_PREFIX}.{li}"
+            lt = spec.text.layer_types[li]
+            sites = layer_sites(spec, lt)
+            stats = _collect(layer, items, lt, sites, prefix)
+            for site in sites:
+                for n in site.linears:
+                    name = f"{prefix}.{n}"
+                    w = layer.get_submodule(n).weight.detach().to(torch.float32)
+                    for k, r in res.items():
+                        if name in r.weights:
+                            st = stats[site.name]
+                            e = max(awq_mod.output_error(w, effective_weight(r, name), st.gram), 0.0) / st.count
+                            errs[k][name] = e if squared else e ** 0.5
+            _propagate(layer, items, lt, prefix)
+
     return errs[""] if single else errs
 
 

@@ -43,8 +43,7 @@ def awq(tiny_ckpt, calib, tmp_path_factory):
     from quantize.sequential import quantize_model
 
     r = quantize_model(tiny_ckpt, "awq", Scheme(4, 128, sym=False), calib, seqlen=SEQLEN, quiet=True)
-    extra = {AWQ_SCALES: {**{f"{n}.in_scale": s.float() for n, s in r.in_scales.items()},
-                          **{f"{n}.out_scale": s.float() for n, s in r.out_scales.items()}}}
+    extra = {AWQ_SCALES: r.scale_tensors()}
     out = write_quantized_checkpoint(tiny_ckpt, r.weights, tmp_path_factory.mktemp("awq") / "awq", "awq",
                                      dense_updates=r.dense_for_checkpoint(), extra_tensors=extra, quiet=True)
     return r, out

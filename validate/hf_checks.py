@@ -28,10 +28,12 @@ def check_hf_quantized(ckpt: Checkpoint, folder: Path, *, quiet: bool = True) ->
     from safetensors.torch import load_file
 
     from convert.hf_quant import read_quantized
+    from convert.quantized_source import AWQ_SCALES
     from quantize.rtn import rtn
+    from quantize.sequential import unscale
 
     fmt, weights, dense = read_quantized(folder)
-    scales_file = Path(folder) / "awq_scales.safetensors"
+    scales_file = Path(folder) / AWQ_SCALES
     scales = load_file(str(scales_file)) if scales_file.is_file() else {}
     problems = []
     worst = 0.0
@@ -44,9 +46,7 @@ def check_hf_quantized(ckpt: Checkpoint, folder: Path, *, quiet: bool = True) ->
         if fmt == "awq":
             if f"{m}.in_scale" not in scales:
                 continue  # without the scales the folded basis cannot be compared with the source
-            w = w / scales[f"{m}.in_scale"][None, :]
-            if f"{m}.out_scale" in scales:
-                w = w * scales[f"{m}.out_scale"][:, None]
+            w = unscale(w, scales[f"{m}.in_scale"], scales.get(f"{m}.out_scale"))
         err = _rel(w, src)
         base = _rel(rtn(src, qw.scheme, m).dequantize(), src)
         worst = max(worst, err / max(base, 1e-12))
