@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -45,18 +44,12 @@ def main() -> int:
     from quantize.imatrix import write_imatrix_gguf
     from quantize.qweight import Scheme
     from quantize.sequential import quantize_model
-    from runtimes.llamacpp import LlamaCppRuntime
-    from runtimes.reference import ReferenceRuntime
-    from validate.metrics import logits_agreement
 
-    from common import held_out_ids, open_checkpoint
+    from common import decoder_params, held_out_reference, measure_decoder, open_checkpoint, print_decoder_table
 
     ckpt = open_checkpoint(args.model)
-    ref = ReferenceRuntime(ckpt, n_threads=args.threads)
-    ids = [t for p in held_out_ids(ref.tokenizer) for t in p]
-    ref_logits = ref.logits(ids)
-    ref.close()
-    n_params = sum(math.prod(ckpt.info(n).shape) for n in ckpt.names() if n.startswith("model.language_model."))
+    ids, ref_logits = held_out_reference(ckpt, args.threads)
+    n_params = decoder_params(ckpt)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,8 +60,7 @@ def main() -> int:
         result = quantize_model(ckpt, "awq", Scheme(4, args.group_size, sym=False), samples, seqlen=args.seqlen,
                                 n_threads=args.threads)
         # the folder `python -m quantize awq` writes, scales included
-        extra = {AWQ_SCALES: {**{f"{n}.in_scale": s.float() for n, s in result.in_scales.items()},
-                              **{f"{n}.out_scale": s.float() for n, s in result.out_scales.items()}}}
+        extra = {AWQ_SCALES: result.scale_tensors()}
         awq_dir = write_quantized_checkpoint(ckpt, result.weights, tmp / "awq", "awq", extra_tensors=extra,
                                              dense_updates=result.dense_for_checkpoint(), quiet=True)
         print(f"AWQ: {len(result.weights)} linears, {result.stats.get('tokens')} tokens, "
@@ -97,20 +89,11 @@ def main() -> int:
                 ("AWQ int4 dequantized -> Q4_K_M", dequant, None)]
         for k, (label, src, imat) in enumerate(jobs):
             dec = export_gguf(src, tmp / f"gguf{k}", quant="Q4_K_M", quiet=True, imatrix=imat)[0]
-            with LlamaCppRuntime(dec, n_ctx=max(2048, len(ids) + 16), n_threads=args.threads) as rt:
-                m = logits_agreement(ref_logits, rt.logits(ids))
-            size = dec.stat().st_size
-            rows.append({"type": label, "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"], "top1": m["top1_agreement"],
-                         "positions": m["positions"], "bytes": size, "bpw": 8 * size / n_params})
-            print(f"{label}: KL {m['kl_mean']:.5f} (p99 {m['kl_p99']:.4f}), top-1 {m['top1_agreement']:.4f}", flush=True)
+            rows.append(measure_decoder(label, dec, ids, ref_logits, n_params, args.threads))
 
     print(f"\n{ckpt.name}: {len(ids)} positions; AWQ 4-bit g{args.group_size} asym on {n_awq} samples, "
           f"imatrix on {n_imat}, seqlen {args.seqlen}\n")
-    print("| decoder | KL mean | KL p99 | top-1 agreement | decoder size | bits/weight |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['type']} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1']:.2f}% | "
-              f"{r['bytes'] / 2**20:.1f} MiB | {r['bpw']:.2f} |")
+    print_decoder_table(rows, "decoder")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

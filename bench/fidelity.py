@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -34,20 +33,12 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
 
     from convert.gguf.export import export_gguf
-    from runtimes.llamacpp import LlamaCppRuntime
-    from runtimes.reference import ReferenceRuntime
-    from validate.metrics import logits_agreement
 
-    from common import held_out_ids, open_checkpoint
+    from common import decoder_params, held_out_reference, measure_decoder, open_checkpoint, print_decoder_table
 
     ckpt = open_checkpoint(args.model)
-    ref = ReferenceRuntime(ckpt, n_threads=args.threads)
-    ids = [t for p in held_out_ids(ref.tokenizer) for t in p]
-    ref_logits = ref.logits(ids)
-    ref.close()
-
-    # decoder weights (bits per weight count the whole decoder file, as llama.cpp reports it)
-    n_params = sum(math.prod(ckpt.info(n).shape) for n in ckpt.names() if n.startswith("model.language_model."))
+    ids, ref_logits = held_out_reference(ckpt, args.threads)
+    n_params = decoder_params(ckpt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(q, None) for q in args.quants.split(",")]
@@ -64,19 +55,10 @@ def main() -> int:
             label = q + (" + imatrix" if imat else "")
             out = Path(tmp) / label.replace(" ", "_")
             dec = export_gguf(ckpt, out, quant=q, quiet=True, imatrix=imat)[0]
-            with LlamaCppRuntime(dec, n_ctx=max(2048, len(ids) + 16), n_threads=args.threads) as rt:
-                m = logits_agreement(ref_logits, rt.logits(ids))
-            size = dec.stat().st_size
-            rows.append({"type": label, "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"], "top1": m["top1_agreement"],
-                         "positions": m["positions"], "bytes": size, "bpw": 8 * size / n_params})
-            print(f"{label}: KL {m['kl_mean']:.5f} (p99 {m['kl_p99']:.4f}), top-1 {m['top1_agreement']:.4f}", flush=True)
+            rows.append(measure_decoder(label, dec, ids, ref_logits, n_params, args.threads))
 
     print(f"\n{ckpt.name}: {len(ids)} positions\n")
-    print("| type | KL mean | KL p99 | top-1 agreement | decoder size | bits/weight |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['type']} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1']:.2f}% | "
-              f"{r['bytes'] / 2**20:.1f} MiB | {r['bpw']:.2f} |")
+    print_decoder_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
