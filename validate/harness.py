@@ -207,7 +207,7 @@ class Harness:
             emb = proc.request("embeddings", image=str(path), out=str(self.scratch / f"emb-{sc.name}-{i}"))
             encode_s += emb["seconds"]
             art_embs = [np.load(f) for f in emb["files"]]
-            native = self.fp32.native_image(load_image(sc.images[i]), sc.mode)
+            native = self.fp32.native_image((str(path), sc.mode), load_image(sc.images[i]), sc.mode)
             pix = proc.request("pixels", image=str(path), out=str(self.scratch / f"pix-{sc.name}-{i}"))["files"]
             if pix is None:  # the runtime preprocesses like transformers' processor
                 ref_embs = native

@@ -30,6 +30,7 @@ class Reference:
         self.label = label
         self.rt = runtime
         self._features: dict[tuple, list[np.ndarray]] = {}
+        self._native: dict[tuple, list[np.ndarray]] = {}
 
     @classmethod
     def fp32(cls, ckpt: Checkpoint, threads: int | None = None) -> "Reference":
@@ -71,9 +72,12 @@ class Reference:
     def tokenizer(self):
         return self.rt.tokenizer
 
-    def native_image(self, image, mode: str) -> list[np.ndarray]:
-        """Embeddings per chunk with transformers' own preprocessing (its slice grid)."""
-        return self.rt.image_embeddings(image, mode=mode)
+    def native_image(self, key: tuple, image, mode: str) -> list[np.ndarray]:
+        """Embeddings per chunk with transformers' own preprocessing (its slice grid), cached by
+        key: every artifact of a run compares with the same ones."""
+        if key not in self._native:
+            self._native[key] = self.rt.image_embeddings(image, mode=mode)
+        return self._native[key]
 
     def runtime_pixels_image(self, key: tuple, chunks: list[np.ndarray], patch_size: int, mode: str) -> list[np.ndarray]:
         """Embeddings per chunk of pixels preprocessed the way the runtime does (cached by key)."""
