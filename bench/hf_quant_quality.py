@@ -1,6 +1,7 @@
 """GPTQ and AWQ against round-to-nearest with the same scheme: KL divergence to the reference.
 
     python bench/hf_quant_quality.py [--model DIR] [--calib-samples 128] [--seqlen 512] [--json out.json]
+                                     [--from gptq=DIR] [--from awq=DIR]
 
 Each method quantizes the decoder's linears (4-bit, group 128; GPTQ and its RTN baseline
 symmetric, AWQ and its baseline asymmetric, RTN without clipping); the model carrying the
@@ -9,6 +10,9 @@ the held-out chat prompts (recipes/chat_prompts.json, not in the calibration set
 validation scenarios' text prompts, and compared with the unquantized checkpoint: mean KL
 divergence and top-1 agreement over every position. The loaders reproduce these weights to one
 float16 step (tests/test_hf_quant.py), so this is the checkpoint's quality, not a loader's.
+--from METHOD=DIR takes that method's result from a checkpoint `python -m quantize` wrote (e.g. the
+benchmark's, with the same calibration budget) instead of quantizing again: its dense tensors
+(AWQ's folded norms) and its dequantized linears, i.e. exactly what the folder holds.
 Prints a Markdown table; target: GPTQ and AWQ KL <= 0.8 x their RTN baseline's.
 """
 
@@ -31,7 +35,12 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--json")
+    ap.add_argument("--from", dest="sources", action="append", default=[], metavar="METHOD=DIR",
+                    help="gptq=DIR or awq=DIR: evaluate that checkpoint instead of quantizing")
     args = ap.parse_args()
+    sources = dict(x.split("=", 1) for x in args.sources)
+    if set(sources) - {"gptq", "awq"}:
+        ap.error("--from takes gptq=DIR or awq=DIR")
     sys.path.insert(0, str(ROOT))
 
     import torch
@@ -39,7 +48,7 @@ def main() -> int:
     from convert.gguf.imatrix import load_reference_model
     from quantize.calibration import load_calibration
     from quantize.qweight import Scheme
-    from quantize.sequential import effective_weight, quantize_model
+    from quantize.sequential import LAYERS_PREFIX, effective_weight, quantize_model
     from validate.metrics import compare_logits
     from validate.scenarios import TextPart, build_turns, load_scenarios
 
@@ -63,9 +72,20 @@ def main() -> int:
     for label, method, scheme in (("RTN sym", "rtn", sym), ("GPTQ sym", "gptq", sym), ("RTN asym", "rtn", asym),
                                   ("AWQ asym", "awq", asym)):
         t0 = time.perf_counter()
-        res = quantize_model(ckpt, method, scheme, samples, seqlen=args.seqlen, model=copy.deepcopy(base), quiet=True)
         model = copy.deepcopy(base)
-        sd = {f"{n}.weight": effective_weight(res, n) for n in res.weights}
+        if method in sources:
+            from convert.hf_quant import read_quantized
+
+            _, weights, dense = read_quantized(sources[method])
+            sd = {k: v.float() for k, v in dense.items() if k.startswith(LAYERS_PREFIX)}
+            sd.update({f"{m}.weight": qw.dequantize() for m, qw in weights.items()})
+            label += " (checkpoint)"
+        else:
+            res = quantize_model(ckpt, method, scheme, samples, seqlen=args.seqlen, model=copy.deepcopy(base), quiet=True)
+            sd = {f"{n}.weight": effective_weight(res, n) for n in res.weights}
+        missing = set(sd) - set(model.state_dict())
+        if missing:
+            raise SystemExit(f"{sorted(missing)[:3]}: not tensors of the model")
         model.load_state_dict(sd, strict=False)
         got = logits(model)
         import numpy as np
@@ -78,7 +98,7 @@ def main() -> int:
     print(f"\n{ckpt.name}: {rows[0]['positions']} positions, {args.calib_samples} calibration samples x {args.seqlen}\n")
     print("| method | KL mean | KL p99 | top-1 agreement | KL / RTN's |\n|---|---|---|---|---|")
     for r in rows:
-        b = by["RTN sym" if "sym" in r["method"] and "asym" not in r["method"] else "RTN asym"]
+        b = by["RTN asym" if "asym" in r["method"] else "RTN sym"]
         print(f"| {r['method']} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1']:.2f}% | "
               f"{r['kl_mean'] / b['kl_mean']:.2f} |")
     if args.json:

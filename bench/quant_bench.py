@@ -14,7 +14,7 @@ before each job so every job starts from the same page cache.
 The jobs, per method:
 * ours: `python -m quantize gptq|awq --model M --out TMP --calib-samples N --seqlen L --threads T
   --no-validate --quiet` (defaults: GPTQ sym, damp 0.01, no act-order; AWQ asym with the clip search;
-  4-bit g128; float32 reference model).
+  4-bit g128; the model held in the checkpoint's bfloat16 and computed in float32 part by part).
 * GPTQModel: `python bench/gptqmodel_runner.py --method gptq|awq ...` (see that file): the same scheme
   (GPTQ sym, desc_act False, act_group_aware False, damp 0.01; AWQ zero point, GEMM, BACKEND.AWQ_TORCH),
   fed the same encoded calibration inputs (`--feed encoded`: the samples of load_calibration run
@@ -149,6 +149,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for both tools (default: all cores)")
     ap.add_argument("--runs", type=int, default=1, help="runs of every job (medians reported)")
+    ap.add_argument("--tools", default="ours,gptqmodel", help="comma-separated: ours, gptqmodel (default both)")
+    ap.add_argument("--previous", action="append", default=[],
+                    help="a --json file of an earlier run whose jobs join this summary (e.g. one tool per session)")
     ap.add_argument("--gptqmodel-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                     help="dtype GPTQModel loads the model in (default auto: its own choice, bfloat16 here; "
                          "float32 works for GPTQ only, its CPU AWQ packer takes float16/bfloat16)")
@@ -165,6 +168,9 @@ def main() -> int:
         ap.error(f"--methods {args.methods}: choose from gptq, awq")
     if args.runs < 1 or args.calib_samples < 1 or args.seqlen < 1:
         ap.error("--runs, --calib-samples and --seqlen must be at least 1")
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not tools or any(t not in ("ours", "gptqmodel") for t in tools):
+        ap.error(f"--tools {args.tools}: choose from ours, gptqmodel")
     model = Path(args.model).resolve() if args.model else default_full_model()
     if not (model / "config.json").is_file():
         ap.error(f"--model {model}: no config.json")
@@ -178,11 +184,17 @@ def main() -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="quant_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     jobs: list[dict] = []
+    for prev in args.previous:
+        old = json.loads(Path(prev).read_text())
+        if (old["model"], old["calib_samples"], old["seqlen"], old["threads"]) != (
+                str(model), args.calib_samples, args.seqlen, args.threads):
+            ap.error(f"--previous {prev}: another model, budget or thread count")
+        jobs += [j for j in old["jobs"] if j["method"] in methods]
     failed = False
     try:
         for run in range(1, args.runs + 1):
             for method in methods:
-                for tool in ("ours", "gptqmodel"):
+                for tool in tools:
                     tag = f"{method}-{tool}-run{run}"
                     out = work / tag
                     shutil.rmtree(out, ignore_errors=True)
@@ -269,7 +281,8 @@ def main() -> int:
     if "awq" in methods:
         print(f"note: {AWQ_NORM_NOTE}")
     dtypes = sorted({str(j["details"].get("dtype")) for j in jobs if j["tool"] == "gptqmodel" and j["details"]})
-    print(f"note: ours runs a float32 copy of the model; GPTQModel ran in {', '.join(dtypes) or '?'} "
+    print(f"note: ours holds the model in the checkpoint's dtype and computes in float32, one part at a time; "
+          f"GPTQModel ran in {', '.join(dtypes) or '?'} "
           f"(--gptqmodel-dtype {args.gptqmodel_dtype}), with offload_to_disk on (its default)")
     if failed:
         print(f"some jobs failed; logs kept in {work}")

@@ -103,7 +103,7 @@ def cmd_gptq_awq(args) -> int:
     samples, dataset = load_calibration(args.calib, tokenizer=ckpt.tokenizer, n=args.calib_samples, seqlen=args.seqlen,
                                         seed=args.seed)
     result = quantize_model(ckpt, args.cmd, scheme, samples, seqlen=args.seqlen, damp=args.damp, clip=not args.no_clip,
-                            quiet=args.quiet, n_threads=args.threads)
+                            quiet=args.quiet, n_threads=args.threads, keep_folded=False)
     st = result.stats
     meta = {"quantizer": ["minicpmv-edge"], "method": args.cmd, "damp_percent": args.damp if args.cmd == "gptq" else None,
             "true_sequential": True, "static_groups": scheme.static_groups, "clip": args.cmd == "awq" and not args.no_clip,

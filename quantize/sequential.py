@@ -17,6 +17,13 @@ copy of the hidden states of all samples plus one layer's statistics.
   scale, then clips and quantizes.
 * RTN needs no activations and no model pass.
 
+Memory: when quantize_model loads the model itself, it is stored in the checkpoint's own 16-bit
+dtype and each part is widened to float32 only while it runs (the parts before the decoder for the
+capture, one decoder layer at a time afterwards; bfloat16 and float16 widen exactly, so the
+numbers are the float32 reference's), and every part is freed once it is no longer needed: the
+peak is the 16-bit model plus one float32 layer and the captured hidden states, not a float32
+copy of the whole model.
+
 Defaults: every linear of the decoder layers is quantized except `DENSE` (the Gated DeltaNet's
 in_proj_a / in_proj_b, 16 rows each on the real model, left dense by every reference tool);
 embeddings, lm_head, the vision tower and the merger are not touched (conv1d is not a linear).
@@ -177,11 +184,8 @@ def _decoder_layers(model):
         raise ConvertError("quantization: the model has no model.language_model.layers") from None
 
 
-def _capture(model, ckpt, samples, *, seqlen: int, mode: str | None, quiet: bool) -> list[_Item]:
-    from tqdm import tqdm
-
-    from .calibration import encode_sample
-
+def _capture(model, ckpt, samples, *, seqlen: int, mode: str | None, quiet: bool,
+             narrow: torch.dtype | None = None) -> list[_Item]:
     layers = _decoder_layers(model)
     types = ckpt.spec.text.layer_types
     firsts = {t: types.index(t) for t in dict.fromkeys(types)}
@@ -194,27 +198,108 @@ def _capture(model, ckpt, samples, *, seqlen: int, mode: str | None, quiet: bool
     try:
         for i in range(last + 1):
             layers[i] = _Catcher(i, types[i], record, firsts[types[i]] == i, i == last)
-        for s in tqdm(samples, desc="calibration inputs", unit="sample", disable=quiet, leave=False):
-            enc = encode_sample(proc, s, seqlen=seqlen, mode=mode)
-            kw = {}
-            if enc.pixel_values is not None:
-                kw = dict(pixel_values=enc.pixel_values, target_sizes=enc.target_sizes)
-            record.clear()
-            record["kwargs"] = {}
-            try:
-                model.model(input_ids=enc.input_ids, use_cache=False, downsample_mode=mode, **kw)
-            except _Stop:
-                pass
-            if "hidden" not in record:
-                raise ConvertError(f"quantization: sample {s.name} never reached the decoder layers")
-            h = record["hidden"].to(torch.float32)
-            if not torch.isfinite(h).all():
-                raise ConvertError(f"quantization: non-finite (NaN/Inf) decoder inputs for calibration sample {s.name}")
-            items.append(_Item(s.name, h, dict(record["kwargs"]), enc.n_image_tokens))
+        with _widened_front(model, narrow):
+            _run_capture(model, samples, proc, seqlen, mode, record, items, quiet)
     finally:
         for i, layer in enumerate(saved):
             layers[i] = layer
     return items
+
+
+def _run_capture(model, samples, proc, seqlen, mode, record, items, quiet) -> None:
+    from tqdm import tqdm
+
+    from .calibration import encode_sample
+
+    for s in tqdm(samples, desc="calibration inputs", unit="sample", disable=quiet, leave=False):
+        enc = encode_sample(proc, s, seqlen=seqlen, mode=mode)
+        kw = {}
+        if enc.pixel_values is not None:
+            kw = dict(pixel_values=enc.pixel_values, target_sizes=enc.target_sizes)
+        record.clear()
+        record["kwargs"] = {}
+        try:
+            model.model(input_ids=enc.input_ids, use_cache=False, downsample_mode=mode, **kw)
+        except _Stop:
+            pass
+        if "hidden" not in record:
+            raise ConvertError(f"quantization: sample {s.name} never reached the decoder layers")
+        h = record["hidden"].to(torch.float32)
+        if not torch.isfinite(h).all():
+            raise ConvertError(f"quantization: non-finite (NaN/Inf) decoder inputs for calibration sample {s.name}")
+        items.append(_Item(s.name, h, dict(record["kwargs"]), enc.n_image_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: a model stored in 16 bits, computed in float32 part by part
+
+_WIDE = torch.float32
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_NARROW = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def storage_dtype(ckpt: "Checkpoint") -> str:
+    """The dtype to hold the model in: the checkpoint's if every float tensor is bfloat16 (or every
+    one float16), since those widen to float32 exactly; float32 otherwise (a mixed checkpoint's
+    float32 tensors would be rounded)."""
+    dts = {ckpt.info(n).dtype for n in ckpt.names()} & _FLOAT_DTYPES
+    return _NARROW[next(iter(dts))] if len(dts) == 1 and next(iter(dts)) in _NARROW else "float32"
+
+
+def _cast(params, dtype: torch.dtype) -> None:
+    for p in params:
+        if p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def _outermost_lists(root: torch.nn.Module, exclude: torch.nn.Module):
+    """The elements of every ModuleList under root that is not inside another one (nor `exclude`)."""
+    out, inside = [], set()
+    for name, mod in root.named_modules():
+        if any(name.startswith(q + ".") for q in inside) or mod is exclude:
+            if mod is exclude:
+                inside.add(name)
+            continue
+        if isinstance(mod, torch.nn.ModuleList):
+            inside.add(name)
+            out.extend(mod)
+    return out
+
+
+@contextlib.contextmanager
+def _widened_front(model, narrow: torch.dtype | None):
+    """While the capture runs on a model stored in `narrow`: every part before the decoder layers
+    computes in float32, one ModuleList element (vision encoder layer) at a time, the rest (patch
+    embedding, compressor, merger, which the model reads outside their own calls, e.g.
+    `vision_tower.dtype`) for the whole capture; the token embedding stays narrow with its output
+    widened (a lookup is exact), so image features are not rounded into a narrow inputs_embeds."""
+    if narrow is None or narrow == _WIDE:
+        yield
+        return
+    inner = model.model
+    lm = inner.language_model
+    units = _outermost_lists(inner, lm.layers)
+    own = {id(p) for m in units for p in m.parameters()} | {id(p) for p in lm.layers.parameters()} \
+        | {id(p) for p in lm.embed_tokens.parameters()}
+    rest = [p for p in inner.parameters() if id(p) not in own]
+    handles = [lm.embed_tokens.register_forward_hook(lambda m, a, out: out.to(_WIDE))]
+    for m in units:
+        handles.append(m.register_forward_pre_hook(lambda m, a: _cast(m.parameters(), _WIDE)))
+        handles.append(m.register_forward_hook(lambda m, a, out: _cast(m.parameters(), narrow)))
+    _cast(rest, _WIDE)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        _cast(rest, narrow)
+        for m in units:
+            _cast(m.parameters(), narrow)
+
+
+def _free(module: torch.nn.Module) -> None:
+    """Drop a part's weights (the model is this run's own and the part will not run again)."""
+    module.to_empty(device="meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,33 +334,71 @@ def _layer_forward(layer, item: _Item, layer_type: str) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def _collect(layer, items: list[_Item], layer_type: str, sites: Sequence[Site], prefix: str) -> dict[str, _InputStats]:
-    """Statistics of `sites` (forward order) over all items; each pass stops after the last site."""
-    stats: dict[str, _InputStats] = {}
-    current = {"sample": ""}
-    handles = []
+class _MixerReplay:
+    """A decoder layer's token mixer (self_attn / linear_attn) replaced by its recorded output per
+    sample. GPTQ's later passes over a layer (the MLP's statistics, the layer's outputs) come after
+    the mixer's linears are final, so attention, the costliest part on CPU, runs once per layer
+    instead of four times; the outputs are the same tensors the mixer would compute."""
 
-    def hook(site: Site, st: _InputStats, stop: bool):
-        def h(module, args, kwargs):
-            x = args[0] if args else kwargs["input"]
-            st.add(x, current["sample"])
-            if stop:
-                raise _Stop
+    def __init__(self, mixer: torch.nn.Module, proj: torch.nn.Module):
+        self.mixer, self.proj = mixer, proj
+        self.inputs: dict[str, torch.Tensor] = {}  # sample -> the output projection's input
+        self.rest: dict[str, tuple | None] = {}  # sample -> the mixer's other outputs (None: a bare tensor)
+        self.outputs: dict[str, object] = {}
 
-        return h
+    def finish(self) -> None:
+        """The outputs once the output projection is quantized: its result on the kept inputs."""
+        for name in list(self.inputs):
+            y = self.proj(self.inputs.pop(name))
+            rest = self.rest.pop(name)
+            self.outputs[name] = y if rest is None else (y, *rest)
 
-    try:
-        for k, site in enumerate(sites):
-            lin = layer.get_submodule(site.linears[0])
-            st = stats[site.name] = _InputStats(int(lin.in_features), f"{prefix}.{site.linears[0]}")
-            handles.append(lin.register_forward_pre_hook(hook(site, st, k == len(sites) - 1), with_kwargs=True))
+    @contextlib.contextmanager
+    def active(self, current: dict):
+        self.mixer.forward = lambda *a, **k: self.outputs[current["sample"]]
+        try:
+            yield
+        finally:
+            del self.mixer.forward  # the instance attribute shadowed the class's method
+
+
+def _passes(layer, items: list[_Item], layer_type: str, current: dict, replay: _MixerReplay | None) -> None:
+    """One forward of the layer per item (a hook may end it early), the mixer replayed if given."""
+    with replay.active(current) if replay is not None else contextlib.nullcontext():
         for item in items:
             current["sample"] = item.name
             try:
                 _layer_forward(layer, item, layer_type)
             except _Stop:
                 pass
+
+
+def _input_hook(st: _InputStats, current: dict, stop: bool, keep: dict | None = None):
+    def h(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        st.add(x, current["sample"])
+        if keep is not None:
+            keep[current["sample"]] = x.detach()
+        if stop:
+            raise _Stop
+
+    return h
+
+
+@torch.no_grad()
+def _collect(layer, items: list[_Item], layer_type: str, sites: Sequence[Site], prefix: str,
+             replay: _MixerReplay | None = None) -> dict[str, _InputStats]:
+    """Statistics of `sites` (forward order) over all items; each pass stops after the last site."""
+    stats: dict[str, _InputStats] = {}
+    current = {"sample": ""}
+    handles = []
+    try:
+        for k, site in enumerate(sites):
+            lin = layer.get_submodule(site.linears[0])
+            st = stats[site.name] = _InputStats(int(lin.in_features), f"{prefix}.{site.linears[0]}")
+            handles.append(lin.register_forward_pre_hook(_input_hook(st, current, k == len(sites) - 1),
+                                                         with_kwargs=True))
+        _passes(layer, items, layer_type, current, replay)
     finally:
         for h in handles:
             h.remove()
@@ -283,12 +406,52 @@ def _collect(layer, items: list[_Item], layer_type: str, sites: Sequence[Site], 
 
 
 @torch.no_grad()
-def _propagate(layer, items: list[_Item], layer_type: str, prefix: str) -> None:
-    for item in items:
-        out = _layer_forward(layer, item, layer_type).detach()
-        if not torch.isfinite(out).all():
-            raise ConvertError(f"quantization: non-finite (NaN/Inf) outputs of {prefix} on calibration sample {item.name}")
-        item.hidden = out
+def _collect_mixer_output(layer, items: list[_Item], layer_type: str, site: Site,
+                          prefix: str) -> tuple[_InputStats, _MixerReplay | None]:
+    """The statistics of the mixer's output projection (`site`, e.g. o_proj) from passes that end
+    with the mixer, keeping the projection's inputs for a replay. The replay is offered only if
+    the mixer's output is the projection's own result (alone or first of a tuple) on every sample;
+    otherwise None (the later passes run the mixer)."""
+    mixer_name = site.linears[0].rsplit(".", 1)[0]
+    mixer, proj = layer.get_submodule(mixer_name), layer.get_submodule(site.linears[0])
+    st = _InputStats(int(proj.in_features), f"{prefix}.{site.linears[0]}")
+    replay = _MixerReplay(mixer, proj)
+    current = {"sample": "", "ok": True}
+
+    def proj_out(module, args, kwargs, out):
+        current["y"] = out
+
+    def mixer_out(module, args, kwargs, out):
+        y = current.pop("y", None)
+        if y is not None and out is y:
+            replay.rest[current["sample"]] = None
+        elif y is not None and isinstance(out, tuple) and out and out[0] is y:
+            replay.rest[current["sample"]] = tuple(out[1:])
+        else:
+            current["ok"] = False
+        raise _Stop
+
+    handles = [proj.register_forward_pre_hook(_input_hook(st, current, False, replay.inputs), with_kwargs=True),
+               proj.register_forward_hook(proj_out, with_kwargs=True),
+               mixer.register_forward_hook(mixer_out, with_kwargs=True)]
+    try:
+        _passes(layer, items, layer_type, current, None)
+    finally:
+        for h in handles:
+            h.remove()
+    return st, (replay if current["ok"] else None)
+
+
+@torch.no_grad()
+def _propagate(layer, items: list[_Item], layer_type: str, prefix: str, replay: _MixerReplay | None = None) -> None:
+    current = {"sample": ""}
+    with replay.active(current) if replay is not None else contextlib.nullcontext():
+        for item in items:
+            current["sample"] = item.name
+            out = _layer_forward(layer, item, layer_type).detach()
+            if not torch.isfinite(out).all():
+                raise ConvertError(f"quantization: non-finite (NaN/Inf) outputs of {prefix} on calibration sample {item.name}")
+            item.hidden = out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +501,7 @@ def _gptq_site(layer, site: Site, st: _InputStats, scheme: Scheme, prefix: str, 
 
 
 def _awq_layer(layer, sites: Sequence[Site], stats: dict[str, _InputStats], scheme: Scheme, prefix: str, skip,
-               clip: bool, out: QuantizationResult) -> None:
+               clip: bool, out: QuantizationResult, keep_folded: bool = True) -> None:
     touched: set[str] = set()
     for site in sites:
         targets = _targets(site, skip)
@@ -366,7 +529,10 @@ def _awq_layer(layer, sites: Sequence[Site], stats: dict[str, _InputStats], sche
         if site.fold == "linear_rows":
             out.out_scales[f"{prefix}.{site.smooth}"] = s.clone()
         out.stats.setdefault("awq_ratio", {})[f"{prefix}.{site.smooth}"] = info["ratio"]
+    quantized = {n for site in sites for n in _targets(site, skip)}
     for n in sorted(touched):
+        if not keep_folded and n in quantized:
+            continue
         out.dense_updates[f"{prefix}.{n}.weight"] = layer.get_submodule(n).weight.detach().to(torch.float32).clone()
     for site in sites:
         for n in _targets(site, skip):
@@ -379,8 +545,8 @@ def _awq_layer(layer, sites: Sequence[Site], stats: dict[str, _InputStats], sche
 
 
 @contextlib.contextmanager
-def _reference_session(ckpt: "Checkpoint", model, *, quiet: bool, n_threads: int | None):
-    """The float32 reference (loaded unless given) with transformers quiet and torch's thread
+def _reference_session(ckpt: "Checkpoint", model, *, quiet: bool, n_threads: int | None, dtype: str = "float32"):
+    """The reference (loaded in `dtype` unless given) with transformers quiet and torch's thread
     count set for the run (DEFAULT_THREADS unless given), restored afterwards."""
     from runtimes.reference import DEFAULT_THREADS, hf_quiet, load_reference_model
 
@@ -391,7 +557,7 @@ def _reference_session(ckpt: "Checkpoint", model, *, quiet: bool, n_threads: int
     try:
         with hf_quiet(quiet):
             if model is None:
-                model = load_reference_model(ckpt, quiet=quiet)
+                model = load_reference_model(ckpt, quiet=quiet, dtype=dtype)
             yield model.eval()
     finally:
         torch.set_num_threads(old)
@@ -400,12 +566,16 @@ def _reference_session(ckpt: "Checkpoint", model, *, quiet: bool, n_threads: int
 def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Sequence["Sample"] | None = None, *,
                    seqlen: int = 512, mode: str | None = None, model=None, skip: Sequence[str] = DENSE,
                    damp: float = 0.01, block_size: int = 128, clip: bool = True, quiet: bool = False,
-                   n_threads: int | None = None) -> QuantizationResult:
+                   n_threads: int | None = None, keep_folded: bool = True) -> QuantizationResult:
     """Quantize the decoder's linears of `ckpt` with `method` ("rtn", "gptq", "awq").
 
     samples: calibration samples (quantize.calibration), not needed for RTN. model: a loaded
     float32 reference to use (it is modified in place: folded and fake-quantized); by default one
-    is loaded. n_threads: torch threads for the run (default: convert.gguf.imatrix.DEFAULT_THREADS).
+    is loaded in the checkpoint's 16-bit dtype, computed in float32 part by part and freed as it
+    goes (same numbers, a fraction of the memory). n_threads: torch threads for the run (default:
+    convert.gguf.imatrix.DEFAULT_THREADS). keep_folded=False: AWQ's dense_updates leave out the
+    scaled weights of the quantized linears (the checkpoint writer does not take them; the scales
+    rebuild them), which on the full-size model is a float32 copy of the decoder.
     """
     from tqdm import tqdm
 
@@ -416,7 +586,10 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
         raise ConvertError(f"act-order and static groups are GPTQ options, not {method.upper()}'s")
     spec = ckpt.spec
     t0 = time.perf_counter()
-    with _reference_session(ckpt, model, quiet=quiet, n_threads=n_threads) as model:
+    own = model is None
+    dtype = storage_dtype(ckpt) if own and method != "rtn" else "float32"
+    narrow = getattr(torch, dtype)
+    with _reference_session(ckpt, model, quiet=quiet, n_threads=n_threads, dtype=dtype) as model:
         widest = _check_layers(model, spec, scheme, skip)
         out = QuantizationResult(method, scheme, {})
         layers = _decoder_layers(model)
@@ -434,22 +607,39 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
         need = int(MIN_TOKENS_PER_FEATURE * widest[1])
         if len(samples) * seqlen < need:
             raise ConvertError(_few_tokens(method, len(samples) * seqlen, widest, need, "at most "))
-        items = _capture(model, ckpt, samples, seqlen=seqlen, mode=mode, quiet=quiet)
+        items = _capture(model, ckpt, samples, seqlen=seqlen, mode=mode, quiet=quiet, narrow=narrow)
         n_tok = sum(it.n_tokens for it in items)
         if n_tok < need:
             raise ConvertError(_few_tokens(method, n_tok, widest, need, ""))
+        if own:  # nothing before or after the decoder layers runs again
+            for name, part in model.named_children():
+                if name != "model":
+                    _free(part)
+            for name, part in model.model.named_children():
+                if name != "language_model":
+                    _free(part)
+            _free(model.model.language_model.embed_tokens)
         for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
             prefix = f"{LAYERS_PREFIX}.{li}"
             lt = spec.text.layer_types[li]
+            _cast(layer.parameters(), _WIDE)
             sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
+            replay = None
             if method == "gptq":
                 for site in sites:  # true sequential: each site sees the quantized earlier ones
-                    st = _collect(layer, items, lt, [site], prefix)[site.name]
+                    if site.name == "attn_out":  # the mixer's last linear: its output is final after this one
+                        st, replay = _collect_mixer_output(layer, items, lt, site, prefix)
+                    else:
+                        st = _collect(layer, items, lt, [site], prefix, replay)[site.name]
                     _gptq_site(layer, site, st, scheme, prefix, skip, damp, block_size, out)
+                    if site.name == "attn_out" and replay is not None:
+                        replay.finish()
             else:
                 stats = _collect(layer, items, lt, sites, prefix)
-                _awq_layer(layer, sites, stats, scheme, prefix, skip, clip, out)
-            _propagate(layer, items, lt, prefix)
+                _awq_layer(layer, sites, stats, scheme, prefix, skip, clip, out, keep_folded)
+            _propagate(layer, items, lt, prefix, replay)
+            if own:
+                _free(layer)
         out.stats.update(tokens=n_tok, samples=len(items), image_tokens=sum(it.n_image_tokens for it in items),
                          seconds=time.perf_counter() - t0)
         return out

@@ -256,11 +256,12 @@ def hf_quiet(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
-def load_reference_model(ckpt: Checkpoint, *, quiet: bool = False):
-    """transformers' MiniCPMV4_6ForConditionalGeneration in float32 (the project's reference)."""
+def load_reference_model(ckpt: Checkpoint, *, quiet: bool = False, dtype: str = "float32"):
+    """transformers' MiniCPMV4_6ForConditionalGeneration in float32 (the project's reference), or
+    stored in `dtype` for a caller that widens each part to float32 when it runs it."""
     try:
         with hf_quiet(quiet):
-            return ReferenceRuntime(ckpt).model
+            return ReferenceRuntime(ckpt, dtype=dtype).model
     except ConvertError:
         raise
     except Exception as e:  # transformers raises many types on a bad folder

@@ -110,6 +110,51 @@ def test_awq_dense_updates_preserve_the_model(tiny_ckpt, base_model, results):
     _assert_same(_logits(base_model, ids), _logits(folded, ids), "tiny, AWQ dense updates")
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_low_memory_run_is_the_float32_run(tiny_ckpt, calib, results, method):
+    """Loaded by quantize_model itself, the model is held in the checkpoint's bfloat16 and widened
+    to float32 part by part (and freed): the same quantized weights, scales and folded tensors as
+    the run on a float32 model (the `results` fixture)."""
+    from quantize.sequential import storage_dtype
+
+    assert storage_dtype(tiny_ckpt) == "bfloat16"
+    ref = results[method]
+    cal, _ = calib
+    got = quantize_model(tiny_ckpt, method, ref.scheme, cal, seqlen=SEQLEN, quiet=True, keep_folded=False)
+    assert got.weights.keys() == ref.weights.keys()
+    for n, qw in got.weights.items():
+        r = ref.weights[n]
+        assert torch.equal(qw.dequantize(), r.dequantize()), n
+    assert got.stats["tokens"] == ref.stats["tokens"]
+    for a, b in ((got.in_scales, ref.in_scales), (got.out_scales, ref.out_scales)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # keep_folded=False keeps exactly what a checkpoint writer takes
+    assert got.dense_updates.keys() == ref.dense_for_checkpoint().keys()
+    assert all(torch.equal(v, ref.dense_updates[k]) for k, v in got.dense_updates.items())
+
+
+def test_gptq_mixer_replay_changes_nothing(tiny_ckpt, base_model, calib, results, monkeypatch):
+    """GPTQ's later passes replay each layer's attention output instead of recomputing it; with the
+    replay refused (every pass runs attention) the quantized weights are bit for bit the same."""
+    import quantize.sequential as seq
+
+    real = seq._collect_mixer_output
+    offered = []
+
+    def no_replay(*a, **k):
+        st, replay = real(*a, **k)
+        offered.append(replay is not None)
+        return st, None
+
+    monkeypatch.setattr(seq, "_collect_mixer_output", no_replay)
+    ref = results["gptq"]
+    cal, _ = calib
+    got = quantize_model(tiny_ckpt, "gptq", ref.scheme, cal, seqlen=SEQLEN, model=copy.deepcopy(base_model), quiet=True)
+    assert len(offered) == tiny_ckpt.spec.text.num_layers and all(offered)  # both layer types can replay
+    for n, qw in got.weights.items():
+        assert torch.equal(qw.dequantize(), ref.weights[n].dequantize()), n
+
+
 def _fold_random(model, spec, seed: int, *, interleave_tie: bool = False) -> None:
     g = torch.Generator().manual_seed(seed)
     for li, layer in enumerate(model.model.language_model.layers):
