@@ -184,6 +184,7 @@ def _decoder_layers(model):
         raise ConvertError("quantization: the model has no model.language_model.layers") from None
 
 
+@torch.no_grad()  # without it autograd keeps every vision layer's activations: GBs per image sample
 def _capture(model, ckpt, samples, *, seqlen: int, mode: str | None, quiet: bool,
              narrow: torch.dtype | None = None) -> list[_Item]:
     layers = _decoder_layers(model)
@@ -246,10 +247,20 @@ def storage_dtype(ckpt: "Checkpoint") -> str:
     return _NARROW[next(iter(dts))] if len(dts) == 1 and next(iter(dts)) in _NARROW else "float32"
 
 
-def _cast(params, dtype: torch.dtype) -> None:
+def _widen(params, stash: dict | None = None) -> None:
+    """Float32 copies of narrow params; `stash` keeps the narrow tensors for _restore (no new
+    narrow copy, so nothing is allocated on the way back and the heap does not fragment)."""
     for p in params:
-        if p.dtype != dtype and p.is_floating_point():
-            p.data = p.data.to(dtype)
+        if p.dtype != _WIDE and p.is_floating_point():
+            if stash is not None:
+                stash[id(p)] = p.data
+            p.data = p.data.to(_WIDE)
+
+
+def _restore(params, stash: dict) -> None:
+    for p in params:
+        if id(p) in stash:
+            p.data = stash.pop(id(p))
 
 
 def _outermost_lists(root: torch.nn.Module, exclude: torch.nn.Module):
@@ -282,19 +293,18 @@ def _widened_front(model, narrow: torch.dtype | None):
     own = {id(p) for m in units for p in m.parameters()} | {id(p) for p in lm.layers.parameters()} \
         | {id(p) for p in lm.embed_tokens.parameters()}
     rest = [p for p in inner.parameters() if id(p) not in own]
+    stash: dict = {}
     handles = [lm.embed_tokens.register_forward_hook(lambda m, a, out: out.to(_WIDE))]
     for m in units:
-        handles.append(m.register_forward_pre_hook(lambda m, a: _cast(m.parameters(), _WIDE)))
-        handles.append(m.register_forward_hook(lambda m, a, out: _cast(m.parameters(), narrow)))
-    _cast(rest, _WIDE)
+        handles.append(m.register_forward_pre_hook(lambda m, a: _widen(m.parameters(), stash)))
+        handles.append(m.register_forward_hook(lambda m, a, out: _restore(m.parameters(), stash)))
+    _widen(rest, stash)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        _cast(rest, narrow)
-        for m in units:
-            _cast(m.parameters(), narrow)
+        _restore(inner.parameters(), stash)
 
 
 def _free(module: torch.nn.Module) -> None:
@@ -622,7 +632,7 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
         for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
             prefix = f"{LAYERS_PREFIX}.{li}"
             lt = spec.text.layer_types[li]
-            _cast(layer.parameters(), _WIDE)
+            _widen(layer.parameters())
             sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
             replay = None
             if method == "gptq":
