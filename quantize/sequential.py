@@ -312,27 +312,87 @@ def _free(module: torch.nn.Module) -> None:
     module.to_empty(device="meta")
 
 
+def _widen_from_checkpoint(layer: torch.nn.Module, prefix: str, ckpt: "Checkpoint") -> None:
+    """A decoder layer's float32 weights read from the checkpoint's own mmap, whose pages are
+    released after the read (Checkpoint.tensor); widening transformers' mmapped 16-bit tensors
+    instead would leave every layer's file pages in the process until the end of the run."""
+    for name, p in layer.named_parameters():
+        full = f"{prefix}.{name}"
+        if p.is_floating_point() and full in ckpt and tuple(ckpt.info(full).shape) == tuple(p.shape):
+            p.data = torch.from_numpy(ckpt.tensor(full))
+    _widen(layer.parameters())  # anything the checkpoint names differently
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it; the per-sample tensors of a layer's
+    passes leave holes that otherwise count in the peak RSS of every later layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # per-layer statistics
 
 
+_GRAM_TOKENS = 4096  # tokens gathered before one Σ x xᵀ update: larger products, fewer float64 additions
+_GRAM_BLOCK = 512  # Σ x xᵀ is symmetric: computed by row blocks of its upper triangle (about half the work)
+
+
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (float64 [n, n]) += xᵀ x (x float32 [tokens, n]), each block's product in float32."""
+    n, b = int(x.shape[1]), _GRAM_BLOCK
+    if n <= 2 * b:
+        acc += (x.T @ x).to(torch.float64)
+        return
+    for i in range(0, n, b):
+        blk = (x[:, i:i + b].T @ x[:, i:]).to(torch.float64)  # rows i..i+b, columns i..n
+        acc[i:i + b, i:] += blk
+        acc[i + b:, i:i + b] += blk[:, b:].T
+
+
 class _InputStats:
-    """Σ|x| and Σ x xᵀ (float64; each sample's product in float32) of one input site."""
+    """Σ|x| and Σ x xᵀ (float64; the products in float32 over batches of _GRAM_TOKENS tokens) of
+    one input site."""
 
     def __init__(self, n: int, label: str):
         self.label = label
         self.abs_sum = torch.zeros(n, dtype=torch.float64)
-        self.gram = torch.zeros(n, n, dtype=torch.float64)
+        self._gram = torch.zeros(n, n, dtype=torch.float64)
+        self._pending: list[torch.Tensor] = []
+        self._pending_tokens = 0
         self.count = 0
 
     def add(self, x: torch.Tensor, sample: str) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32, copy=True)  # the layer may reuse its input
         if not torch.isfinite(x).all():
             raise ConvertError(f"quantization: non-finite (NaN/Inf) activations at the input of {self.label} "
                                f"on calibration sample {sample}")
         self.abs_sum += x.abs().sum(0).to(torch.float64)
-        self.gram += (x.T @ x).to(torch.float64)
+        self._pending.append(x)
+        self._pending_tokens += int(x.shape[0])
         self.count += int(x.shape[0])
+        if self._pending_tokens >= _GRAM_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_tokens = [], 0
+            _add_gram(self._gram, x)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        self._flush()
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor) -> None:  # AWQ rescales it in place (st.gram /= ...)
+        self._flush()
+        self._gram = value
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -629,10 +689,14 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
                 if name != "language_model":
                     _free(part)
             _free(model.model.language_model.embed_tokens)
+            _trim_heap()
         for li, layer in enumerate(tqdm(layers, desc=method.upper(), unit="layer", disable=quiet, leave=False)):
             prefix = f"{LAYERS_PREFIX}.{li}"
             lt = spec.text.layer_types[li]
-            _widen(layer.parameters())
+            if own:
+                _widen_from_checkpoint(layer, prefix, ckpt)
+            else:
+                _widen(layer.parameters())
             sites = [s for s in layer_sites(spec, lt) if _targets(s, skip)]
             replay = None
             if method == "gptq":
@@ -650,6 +714,7 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
             _propagate(layer, items, lt, prefix, replay)
             if own:
                 _free(layer)
+                _trim_heap()
         out.stats.update(tokens=n_tok, samples=len(items), image_tokens=sum(it.n_image_tokens for it in items),
                          seconds=time.perf_counter() - t0)
         return out
