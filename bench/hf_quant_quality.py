@@ -72,7 +72,6 @@ def main() -> int:
     for label, method, scheme in (("RTN sym", "rtn", sym), ("GPTQ sym", "gptq", sym), ("RTN asym", "rtn", asym),
                                   ("AWQ asym", "awq", asym)):
         t0 = time.perf_counter()
-        model = copy.deepcopy(base)
         if method in sources:
             from convert.hf_quant import read_quantized
 
@@ -81,13 +80,17 @@ def main() -> int:
             sd.update({f"{m}.weight": qw.dequantize() for m, qw in weights.items()})
             label += " (checkpoint)"
         else:
-            res = quantize_model(ckpt, method, scheme, samples, seqlen=args.seqlen, model=copy.deepcopy(base), quiet=True)
+            # RTN only reads the weights; GPTQ and AWQ modify the model they are given
+            res = quantize_model(ckpt, method, scheme, samples, seqlen=args.seqlen, quiet=True,
+                                 model=base if method == "rtn" else copy.deepcopy(base))
             sd = {f"{n}.weight": effective_weight(res, n) for n in res.weights}
+        model = copy.deepcopy(base)
         missing = set(sd) - set(model.state_dict())
         if missing:
             raise SystemExit(f"{sorted(missing)[:3]}: not tensors of the model")
         model.load_state_dict(sd, strict=False)
         got = logits(model)
+        del model, sd  # one quantized copy at a time next to the reference (the full model is 5 GB in float32)
         import numpy as np
 
         m = compare_logits(np.concatenate(ref), np.concatenate(got))[0]
