@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 from dataclasses import dataclass
 from importlib import metadata as im
 from pathlib import Path
@@ -84,14 +85,6 @@ def _torch_dtype(d: torch.dtype | str | None, ckpt: Checkpoint) -> torch.dtype:
 _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
-
-
-def _source_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """The stored tensor with its stored dtype and bytes (bf16 stays bf16)."""
-    raw = np.array(ckpt.raw(name))  # copies out of the mmap
-    ckpt.release(name)
-    t = torch.from_numpy(raw)
-    return t.view(torch.bfloat16) if ckpt.info(name).dtype == "BF16" else t
 
 
 def linear_modules(ckpt: Checkpoint) -> list[str]:
@@ -272,19 +265,58 @@ def _shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
     return shards
 
 
-def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_bytes: int) -> list[Path]:
-    from safetensors.torch import save_file
+_ST_NAME = {v: k for k, v in _ST_TORCH.items()}
+_COPY_CHUNK = 64 << 20
 
-    # safetensors creates 0600 files; give them the mode the umask gives other files (as the folder's)
+
+def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor]) -> None:
+    """One safetensors file written tensor by tensor: the header first, then each tensor's bytes in
+    header order, source tensors copied from their file in slices. Memory
+    holds one tensor, not the shard (safetensors' save_file takes them all at once: on the
+    full-size model that was 1.5 GiB over the quantizer's own peak)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in shard:
+        if t.data is not None:
+            dtype, shape = _ST_NAME[t.data.dtype], list(t.data.shape)
+        else:
+            info = ckpt.info(t.name)
+            dtype, shape = info.dtype, list(info.shape)
+        header[t.name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as save_file does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for t in shard:
+            if t.data is not None:
+                f.write(memoryview(t.data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                continue
+            if type(ckpt).raw is not Checkpoint.raw:  # a computed view (not file bytes): through raw()
+                f.write(memoryview(np.ascontiguousarray(ckpt.raw(t.name)).reshape(-1).view(np.uint8)))
+                continue
+            info = ckpt.info(t.name)
+            with open(info.file, "rb") as src:  # read, not mapped: the pages stay out of this process
+                src.seek(info.offset)
+                left = info.nbytes
+                while left:
+                    buf = src.read(min(left, _COPY_CHUNK))
+                    if not buf:
+                        raise ConvertError(f"{info.file}: truncated while copying {t.name}")
+                    f.write(buf)
+                    left -= len(buf)
+
+
+def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_bytes: int) -> list[Path]:
+    # like safetensors' files, 0600: give them the mode the umask gives other files (as the folder's)
     mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
     shards = _shards(tensors, max_bytes)
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fn, shard in zip(files, shards):
-        data = {t.name: (t.data if t.data is not None else _source_tensor(ckpt, t.name)) for t in shard}
-        save_file(data, str(folder / fn), metadata={"format": "pt"})
+        _write_safetensors(folder / fn, ckpt, shard)
         os.chmod(folder / fn, mode)
-        del data
     paths = [folder / f for f in files]
     if n > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
