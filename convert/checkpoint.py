@@ -189,6 +189,20 @@ class Checkpoint:
         except (OSError, ValueError):
             pass
 
+    def copy_bytes(self, name: str, out, chunk: int = 64 << 20) -> None:
+        """Write the tensor's stored bytes to the binary file `out`, read from the file in slices
+        (not mapped, so the pages never count in this process)."""
+        ti = self._infos[name]
+        with open(ti.file, "rb") as src:
+            src.seek(ti.offset)
+            left = ti.nbytes
+            while left:
+                buf = src.read(min(left, chunk))
+                if not buf:
+                    raise ConvertError(f"{ti.file}: truncated while reading {name}")
+                out.write(buf)
+                left -= len(buf)
+
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for n in self._infos:
             yield n, self.tensor(n)

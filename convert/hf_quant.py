@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from importlib import metadata as im
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from quantize.packing import PACKERS, check, group_size_of, trivial_g_idx
@@ -266,12 +265,11 @@ def _shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
 
 
 _ST_NAME = {v: k for k, v in _ST_TORCH.items()}
-_COPY_CHUNK = 64 << 20
 
 
 def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor]) -> None:
     """One safetensors file written tensor by tensor: the header first, then each tensor's bytes in
-    header order, source tensors copied from their file in slices. Memory
+    header order, source tensors copied from their file in slices (Checkpoint.copy_bytes). Memory
     holds one tensor, not the shard (safetensors' save_file takes them all at once: on the
     full-size model that was 1.5 GiB over the quantizer's own peak)."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -293,19 +291,7 @@ def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor]) -> No
             if t.data is not None:
                 f.write(memoryview(t.data.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 continue
-            if type(ckpt).raw is not Checkpoint.raw:  # a computed view (not file bytes): through raw()
-                f.write(memoryview(np.ascontiguousarray(ckpt.raw(t.name)).reshape(-1).view(np.uint8)))
-                continue
-            info = ckpt.info(t.name)
-            with open(info.file, "rb") as src:  # read, not mapped: the pages stay out of this process
-                src.seek(info.offset)
-                left = info.nbytes
-                while left:
-                    buf = src.read(min(left, _COPY_CHUNK))
-                    if not buf:
-                        raise ConvertError(f"{info.file}: truncated while copying {t.name}")
-                    f.write(buf)
-                    left -= len(buf)
+            ckpt.copy_bytes(t.name, f)
 
 
 def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_bytes: int) -> list[Path]:

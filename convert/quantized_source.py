@@ -356,6 +356,12 @@ class QuantizedCheckpoint(Checkpoint):
         if not self._computed(name):
             super().release(name)
 
+    def copy_bytes(self, name: str, out, chunk: int = 64 << 20) -> None:
+        if self._computed(name):
+            out.write(memoryview(np.ascontiguousarray(self.raw(name)).reshape(-1).view(np.uint8)))
+        else:
+            super().copy_bytes(name, out, chunk)
+
     def iter_tensors(self):
         for n in self._view:
             yield n, self.tensor(n)

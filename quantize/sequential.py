@@ -432,9 +432,13 @@ class _MixerReplay:
             del self.mixer.forward  # the instance attribute shadowed the class's method
 
 
+def _replaying(replay: _MixerReplay | None, current: dict):
+    return replay.active(current) if replay is not None else contextlib.nullcontext()
+
+
 def _passes(layer, items: list[_Item], layer_type: str, current: dict, replay: _MixerReplay | None) -> None:
     """One forward of the layer per item (a hook may end it early), the mixer replayed if given."""
-    with replay.active(current) if replay is not None else contextlib.nullcontext():
+    with _replaying(replay, current):
         for item in items:
             current["sample"] = item.name
             try:
@@ -515,7 +519,7 @@ def _collect_mixer_output(layer, items: list[_Item], layer_type: str, site: Site
 @torch.no_grad()
 def _propagate(layer, items: list[_Item], layer_type: str, prefix: str, replay: _MixerReplay | None = None) -> None:
     current = {"sample": ""}
-    with replay.active(current) if replay is not None else contextlib.nullcontext():
+    with _replaying(replay, current):
         for item in items:
             current["sample"] = item.name
             out = _layer_forward(layer, item, layer_type).detach()
