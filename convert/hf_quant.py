@@ -12,6 +12,7 @@ beside `out_dir` and renamed when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.packing import PACKERS, check, group_size_of, trivial_g_idx
+from quantize.packing import check, group_size_of, pack, packed_layout, trivial_g_idx
 from quantize.qweight import QuantizedWeight, Scheme
 
 from . import manifest
@@ -59,8 +60,12 @@ CT_FORMAT_VERSION = "0.20.0"  # the compressed-tensors release whose layout is w
 @dataclass(frozen=True)
 class _Tensor:
     name: str
+    dtype: str  # safetensors' name, e.g. "I32"
+    shape: tuple[int, ...]
     nbytes: int
-    data: torch.Tensor | None = None  # packed or updated tensor; None: copy the source bytes
+    data: torch.Tensor | None = None  # an updated dense tensor
+    module: str | None = None  # a quantized module's packed tensor, packed when written
+    # neither: copy the source's bytes
 
 
 def _tool_version() -> str:
@@ -84,6 +89,7 @@ def _torch_dtype(d: torch.dtype | str | None, ckpt: Checkpoint) -> torch.dtype:
 _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
+_ST_NAME = {v: k for k, v in _ST_TORCH.items()}
 
 
 def linear_modules(ckpt: Checkpoint) -> list[str]:
@@ -223,17 +229,18 @@ def _check_results(ckpt: Checkpoint, fmt: str, results: dict[str, QuantizedWeigh
 
 def _plan(ckpt: Checkpoint, fmt: str, results: dict[str, QuantizedWeight], dense_updates: dict[str, torch.Tensor],
           dtype: torch.dtype) -> list[_Tensor]:
-    """Every output tensor, sorted by name."""
+    """Every output tensor, sorted by name. Quantized modules are checked here but packed only when
+    written (packing all of them up front held ~1.1 GB more on the full-size model)."""
     owned = set()  # source tensors the packed ones replace
     out: list[_Tensor] = []
     for name, qw in results.items():
         owned.add(f"{name}.weight")
-        packed = PACKERS[fmt](qw, dtype) if fmt == "compressed-tensors" else PACKERS[fmt](qw)
-        if "bias" in packed:
+        check(qw, fmt, dtype)
+        layout = packed_layout(qw, fmt, dtype)
+        if "bias" in layout:
             owned.add(f"{name}.bias")
-        for suffix, t in packed.items():
-            t = t.contiguous()
-            out.append(_Tensor(f"{name}.{suffix}", t.numel() * t.element_size(), t))
+        for suffix, (dt, shape) in layout.items():
+            out.append(_Tensor(f"{name}.{suffix}", _ST_NAME[dt], shape, math.prod(shape) * dt.itemsize, module=name))
     for name, t in dense_updates.items():
         if name not in ckpt:
             raise ConvertError(f"dense update {name}: no such tensor in the source checkpoint")
@@ -245,10 +252,11 @@ def _plan(ckpt: Checkpoint, fmt: str, results: dict[str, QuantizedWeight], dense
         t = t.detach().to("cpu", _ST_TORCH[info.dtype]).contiguous()
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ConvertError(f"dense update {name}: NaN or Inf values")
-        out.append(_Tensor(name, info.nbytes, t))
+        out.append(_Tensor(name, info.dtype, info.shape, info.nbytes, data=t))
     for name in ckpt.names():
         if name not in owned and name not in dense_updates:
-            out.append(_Tensor(name, ckpt.info(name).nbytes))
+            info = ckpt.info(name)
+            out.append(_Tensor(name, info.dtype, info.shape, info.nbytes))
     return sorted(out, key=lambda t: t.name)
 
 
@@ -264,23 +272,35 @@ def _shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
     return shards
 
 
-_ST_NAME = {v: k for k, v in _ST_TORCH.items()}
+class _Packer:
+    """Packs one quantized module at a time for the writer; a module's tensors are adjacent in name
+    order, so only the last module's are kept."""
+
+    def __init__(self, fmt: str, results: dict[str, QuantizedWeight], dtype: torch.dtype):
+        self.fmt, self.results, self.dtype = fmt, results, dtype
+        self.module: str | None = None
+        self.packed: dict[str, torch.Tensor] = {}
+
+    def tensor(self, t: _Tensor) -> torch.Tensor:
+        if t.module != self.module:
+            self.module, self.packed = None, {}  # free the previous module's before packing the next
+            self.packed = pack(self.results[t.module], self.fmt, self.dtype, checked=True)
+            self.module = t.module
+        v = self.packed[t.name[len(t.module) + 1:]]
+        if (_ST_NAME[v.dtype], tuple(v.shape)) != (t.dtype, t.shape):  # packed_layout and pack disagree: a bug
+            raise ConvertError(f"{t.name}: packed as {_ST_NAME[v.dtype]}{list(v.shape)}, planned {t.dtype}{list(t.shape)}")
+        return v
 
 
-def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor]) -> None:
+def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor], packer: _Packer) -> None:
     """One safetensors file written tensor by tensor: the header first, then each tensor's bytes in
-    header order, source tensors copied from their file in slices (Checkpoint.copy_bytes). Memory
-    holds one tensor, not the shard (safetensors' save_file takes them all at once: on the
-    full-size model that was 1.5 GiB over the quantizer's own peak)."""
+    header order, source tensors copied from their file in slices (Checkpoint.copy_bytes), quantized
+    modules packed one at a time. Memory holds one module, not the shard (safetensors' save_file
+    takes them all at once: on the full-size model that was 1.5 GiB over the quantizer's own peak)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for t in shard:
-        if t.data is not None:
-            dtype, shape = _ST_NAME[t.data.dtype], list(t.data.shape)
-        else:
-            info = ckpt.info(t.name)
-            dtype, shape = info.dtype, list(info.shape)
-        header[t.name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + t.nbytes]}
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
         off += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as save_file does
@@ -288,20 +308,22 @@ def _write_safetensors(path: Path, ckpt: Checkpoint, shard: list[_Tensor]) -> No
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for t in shard:
-            if t.data is not None:
-                f.write(memoryview(t.data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if t.data is None and t.module is None:
+                ckpt.copy_bytes(t.name, f)
                 continue
-            ckpt.copy_bytes(t.name, f)
+            v = t.data if t.module is None else packer.tensor(t)
+            f.write(memoryview(v.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_bytes: int) -> list[Path]:
+def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_bytes: int, packer: _Packer
+                   ) -> list[Path]:
     # like safetensors' files, 0600: give them the mode the umask gives other files (as the folder's)
     mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
     shards = _shards(tensors, max_bytes)
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fn, shard in zip(files, shards):
-        _write_safetensors(folder / fn, ckpt, shard)
+        _write_safetensors(folder / fn, ckpt, shard, packer)
         os.chmod(folder / fn, mode)
     paths = [folder / f for f in files]
     if n > 1:
@@ -380,7 +402,7 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
         shutil.rmtree(p, ignore_errors=True)
     try:
         tmp.mkdir()
-        weights = _write_weights(ckpt, tmp, tensors, max_shard_bytes)
+        weights = _write_weights(ckpt, tmp, tensors, max_shard_bytes, _Packer(fmt, result_weights, dt))
         cfg = {**ckpt.config, "quantization_config": qcfg}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copied = _copy_side_files(ckpt.path, tmp)

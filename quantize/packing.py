@@ -25,6 +25,8 @@ pf = 32 // bits codes per int32 word. Choices where a format cannot hold a resul
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from convert.errors import ConvertError
@@ -33,6 +35,7 @@ from .qweight import QuantizedWeight, Scheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column 8k + AWQ_ORDER[j]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+SCALE_DTYPE = {"gptq": torch.float16, "awq": torch.float16}  # compressed-tensors: the model's dtype
 PACK_BITS = (2, 4, 8)  # widths that tile an int32 word exactly (3-bit GPTQ packing is not supported)
 
 
@@ -53,7 +56,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[R, C] codes -> int32 [R/pf, C]: word r holds rows pf*r .. pf*r+pf-1, first row in the low bits."""
     pf = _per_word(bits)
     q = q.to(torch.int64).reshape(q.shape[0] // pf, pf, q.shape[1])
-    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
+    shifts = (torch.arange(pf, dtype=torch.int64, device=q.device) * bits).view(1, pf, 1)
     return _to_int32((q << shifts).sum(1))
 
 
@@ -71,7 +74,7 @@ def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) 
     q = q.to(torch.int64).reshape(q.shape[0], q.shape[1] // pf, pf)
     if order is not None:
         q = q[:, :, list(order)]
-    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, 1, pf)
+    shifts = (torch.arange(pf, dtype=torch.int64, device=q.device) * bits).view(1, 1, pf)
     return _to_int32((q << shifts).sum(-1))
 
 
@@ -108,8 +111,9 @@ def trivial_g_idx(qw: QuantizedWeight) -> bool:
     return bool(torch.equal(qw.g_idx.to(torch.int64), torch.arange(n_in, dtype=torch.int64) // gs))
 
 
-def check(qw: QuantizedWeight, fmt: str) -> None:
-    """Raise ConvertError if `fmt` cannot store `qw` exactly."""
+def check(qw: QuantizedWeight, fmt: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Raise ConvertError if `fmt` cannot store `qw` exactly (`dtype`: the model's float dtype, which
+    compressed-tensors stores its scales in)."""
     out_f, in_f = qw.shape
     bits = qw.scheme.bits
     pf = _per_word(bits)
@@ -153,26 +157,24 @@ def check(qw: QuantizedWeight, fmt: str) -> None:
                                "use --format gptq or quantize without act-order")
     else:
         raise ConvertError(f"unknown quantized checkpoint format {fmt!r}; choose gptq, awq or compressed-tensors")
+    sdt = SCALE_DTYPE.get(fmt, dtype)
+    if not bool(torch.isfinite(_scales_as(qw, sdt)).all()):
+        raise ConvertError(f"{qw.name}: a scale overflows {str(sdt).removeprefix('torch.')} "
+                           f"(max {float(qw.scales.abs().max()):.4g})")
 
 
 def _scales_as(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    s = qw.scales.to(torch.float32).to(dtype)
-    if not bool(torch.isfinite(s).all()):
-        raise ConvertError(f"{qw.name}: a scale overflows {str(dtype).removeprefix('torch.')} "
-                           f"(max {float(qw.scales.abs().max()):.4g})")
-    return s
+    return qw.scales.to(torch.float32).to(dtype)
 
 
 # -- formats --------------------------------------------------------------------------------------
 
-def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors, keyed by the suffix after the module name."""
-    check(qw, "gptq")
+def _gptq(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     bits = qw.scheme.bits
     out = {
         "qweight": pack_rows(qw.q.t(), bits),
         "qzeros": pack_cols((qw.zeros.to(torch.int64) - 1).t(), bits),  # v1 stores zero - 1
-        "scales": _scales_as(qw, torch.float16).t().contiguous(),
+        "scales": _scales_as(qw, SCALE_DTYPE["gptq"]).t().contiguous(),
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
     if qw.bias is not None:
@@ -192,13 +194,11 @@ def unpack_gptq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> Q
     )
 
 
-def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """AWQ GEMM tensors (AutoAWQ `WQLinear_GEMM`), keyed by the suffix after the module name."""
-    check(qw, "awq")
+def _awq(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {
         "qweight": pack_cols(qw.q.t(), 4, AWQ_ORDER),
         "qzeros": pack_cols(qw.zeros.t(), 4, AWQ_ORDER),
-        "scales": _scales_as(qw, torch.float16).t().contiguous(),
+        "scales": _scales_as(qw, SCALE_DTYPE["awq"]).t().contiguous(),
     }
     if qw.bias is not None:
         out["bias"] = qw.bias.to(torch.float16)
@@ -218,9 +218,7 @@ def unpack_awq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> Qu
     )
 
 
-def pack_compressed(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """compressed-tensors pack-quantized (symmetric) tensors; `dtype` is the model's float dtype."""
-    check(qw, "compressed-tensors")
+def _compressed(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {
         "weight_packed": pack_cols(qw.q, qw.scheme.bits),
         "weight_scale": _scales_as(qw, dtype).contiguous(),
@@ -242,6 +240,42 @@ def unpack_compressed(t: dict[str, torch.Tensor], scheme: Scheme, name: str = ""
         g_idx=(torch.arange(in_f) // (in_f // g)).to(torch.int32),
         bias=t["bias"].to(torch.float32) if "bias" in t else None,
     )
+
+
+_TRANSFORMS = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed}
+
+
+def pack(qw: QuantizedWeight, fmt: str, dtype: torch.dtype = torch.bfloat16, *, checked: bool = False
+         ) -> dict[str, torch.Tensor]:
+    """`fmt`'s tensors for `qw`, keyed by the suffix after the module name (`dtype`: the model's float
+    dtype, for compressed-tensors' scales and bias). checked=True skips `check` (already done)."""
+    if not checked:
+        check(qw, fmt, dtype)
+    return {k: v.contiguous() for k, v in _TRANSFORMS[fmt](qw, dtype).items()}
+
+
+def packed_layout(qw: QuantizedWeight, fmt: str, dtype: torch.dtype = torch.bfloat16
+                  ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of what `pack` returns, without packing: the same transform run on
+    meta tensors (a checkpoint writer plans its shards from this and packs one module at a time)."""
+    m = dataclasses.replace(qw, q=qw.q.to("meta"), scales=qw.scales.to("meta"), zeros=qw.zeros.to("meta"),
+                            g_idx=qw.g_idx.to("meta"), bias=None if qw.bias is None else qw.bias.to("meta"))
+    return {k: (v.dtype, tuple(v.shape)) for k, v in _TRANSFORMS[fmt](m, dtype).items()}
+
+
+def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors, keyed by the suffix after the module name."""
+    return pack(qw, "gptq")
+
+
+def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """AWQ GEMM tensors (AutoAWQ `WQLinear_GEMM`), keyed by the suffix after the module name."""
+    return pack(qw, "awq")
+
+
+def pack_compressed(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized (symmetric) tensors; `dtype` is the model's float dtype."""
+    return pack(qw, "compressed-tensors", dtype)
 
 
 PACKERS = {"gptq": pack_gptq, "awq": pack_awq, "compressed-tensors": pack_compressed}

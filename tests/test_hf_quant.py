@@ -13,7 +13,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.hf_quant import BLOCK, linear_modules, write_quantized_checkpoint
-from quantize.packing import PACKERS, UNPACKERS, pack_cols, pack_rows
+from quantize.packing import PACKERS, UNPACKERS, pack_cols, pack_rows, packed_layout
 from quantize.qweight import QuantizedWeight, Scheme
 
 GROUP = 64  # divides the tiny model's in-features (256, 512)
@@ -106,6 +106,9 @@ def test_pack_roundtrip(fmt, bits, sym):
     back = UNPACKERS[fmt](packed, scheme, "m")
     assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros) and torch.equal(back.g_idx, qw.g_idx)
     assert torch.equal(back.scales, qw.scales.to(SCALE_DTYPE[fmt]).float())
+    qw.bias = torch.rand(48)  # the writer plans shards from packed_layout and packs later
+    assert packed_layout(qw, fmt) == {k: (v.dtype, tuple(v.shape)) for k, v in PACKERS[fmt](qw).items()}
+    assert "bias" in packed_layout(qw, fmt)
 
 
 def test_pack_layouts_by_hand():
