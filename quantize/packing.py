@@ -36,6 +36,7 @@ from .qweight import QuantizedWeight, Scheme
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds column 8k + AWQ_ORDER[j]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 SCALE_DTYPE = {"gptq": torch.float16, "awq": torch.float16}  # compressed-tensors: the model's dtype
+_BLOCK_CODES = 1 << 20
 PACK_BITS = (2, 4, 8)  # widths that tile an int32 word exactly (3-bit GPTQ packing is not supported)
 
 
@@ -52,12 +53,25 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return (words & 0xFFFFFFFF).to(torch.uint32).view(torch.int32)
 
 
+def _by_row_blocks(q: torch.Tensor, rows_per_word: int, out_shape: tuple[int, int], block) -> torch.Tensor:
+    """`block` applied to slices of q's rows, into one int32 output: the int64 temporaries stay
+    about _BLOCK_CODES codes, so packing a large linear neither doubles as int64 nor grows the heap."""
+    out = torch.empty(out_shape, dtype=torch.int32, device=q.device)
+    step = max(1, _BLOCK_CODES // max(1, q.shape[1] * rows_per_word))  # output rows per block
+    for r in range(0, out_shape[0], step):
+        out[r:r + step] = block(q[r * rows_per_word:(r + step) * rows_per_word])
+    return out
+
+
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[R, C] codes -> int32 [R/pf, C]: word r holds rows pf*r .. pf*r+pf-1, first row in the low bits."""
     pf = _per_word(bits)
-    q = q.to(torch.int64).reshape(q.shape[0] // pf, pf, q.shape[1])
     shifts = (torch.arange(pf, dtype=torch.int64, device=q.device) * bits).view(1, pf, 1)
-    return _to_int32((q << shifts).sum(1))
+
+    def block(b: torch.Tensor) -> torch.Tensor:
+        return _to_int32((b.to(torch.int64).reshape(b.shape[0] // pf, pf, b.shape[1]) << shifts).sum(1))
+
+    return _by_row_blocks(q, pf, (q.shape[0] // pf, q.shape[1]), block)
 
 
 def unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,11 +85,15 @@ def unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
     """[R, C] codes -> int32 [R, C/pf]: word k holds columns pf*k + order[j] at bit j*bits."""
     pf = _per_word(bits)
-    q = q.to(torch.int64).reshape(q.shape[0], q.shape[1] // pf, pf)
-    if order is not None:
-        q = q[:, :, list(order)]
     shifts = (torch.arange(pf, dtype=torch.int64, device=q.device) * bits).view(1, 1, pf)
-    return _to_int32((q << shifts).sum(-1))
+
+    def block(b: torch.Tensor) -> torch.Tensor:
+        b = b.to(torch.int64).reshape(b.shape[0], b.shape[1] // pf, pf)
+        if order is not None:
+            b = b[:, :, list(order)]
+        return _to_int32((b << shifts).sum(-1))
+
+    return _by_row_blocks(q, 1, (q.shape[0], q.shape[1] // pf), block)
 
 
 def unpack_cols(p: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:

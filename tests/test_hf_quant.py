@@ -111,6 +111,20 @@ def test_pack_roundtrip(fmt, bits, sym):
     assert "bias" in packed_layout(qw, fmt)
 
 
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_pack_in_row_blocks(monkeypatch, fmt):
+    """Packing runs over row blocks (bounded int64 temporaries): any block size gives the same words."""
+    import quantize.packing as packing
+
+    qw = random_qw(48, 256, Scheme(bits=4, group_size=32, sym=True), seed=3)
+    whole = PACKERS[fmt](qw)
+    for codes in (1, 300, 1000):  # one output row per block, blocks that do not divide the rows
+        monkeypatch.setattr(packing, "_BLOCK_CODES", codes)
+        blocks = PACKERS[fmt](qw)
+        assert all(torch.equal(blocks[k], whole[k]) for k in whole)
+
+
 def test_pack_layouts_by_hand():
     # GPTQ: nibble j of qweight[r, o] is q[o, 8r + j]; sym 4-bit zeros (8) are stored as 7 -> 0x77777777
     scheme = Scheme(bits=4, group_size=8, sym=True)
