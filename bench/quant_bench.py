@@ -30,6 +30,9 @@ at 2 threads instead of 1). A job started at a load average above 0.5 gets a war
 
 Reported: a Markdown table (method | ours wall s | GPTQModel wall s | ratio | ours peak RSS | theirs |
 ratio; medians over --runs) and, with --json, every job's figures. Target: both ratios <= 1.0.
+A GPTQModel job stopped before finishing (--timeout, or killed by hand) bounds its figures from
+below: the table then shows "> its wall time at the stop" (and the layer it was in) and ratios as
+"< ours / that", which decide the target when they are already <= 1.0.
 Quality is not measured here. GPTQModel's AWQ folds the scales into Qwen3.5's offset norms
 (out = norm(x)*(1+w)) as w/s instead of (1+w)/s - 1 (`quantization/awq/quantize/scale.py::scale_ln_fcs`
 special-cases only Gemma norms; still so in 7.7.0; shared/reference/quantization.md section 0), so its
@@ -55,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "bench" / "gptqmodel_runner.py"
 OURS_RE = re.compile(r"(\d+) linears from (\d+) samples \((\d+) tokens, (\d+) image tokens\) in ([\d.]+) s")
+GPTQMODEL_LAYER_RE = re.compile(r"Quantizing layer (\d+) of (\d+)")
 AWQ_NORM_NOTE = ("GPTQModel's AWQ folds scales into Qwen3.5's offset norms wrongly (w/s instead of (1+w)/s - 1; "
                  "quantization.md section 0): its AWQ checkpoint of this model is not usable for quality, "
                  "the time and memory figures still compare")
@@ -119,6 +123,20 @@ def parse_ours(log: Path) -> dict:
             "seconds_reported": float(m[5])}
 
 
+def parse_progress(log: Path) -> dict:
+    """How far a GPTQModel job got (its progress bar: "Quantizing layer N of M", 0-based N of the last index)."""
+    found = GPTQMODEL_LAYER_RE.findall(_tail(log, 2_000_000))
+    if not found:
+        return {}
+    n, last = max((int(a), int(b)) for a, b in found)
+    return {"layer_started": n + 1, "layers": last + 1}
+
+
+def stopped(job: dict) -> bool:
+    """Stopped before finishing: by --timeout or killed by a signal (by hand), not failed on its own."""
+    return bool(job["timed_out"]) or job["returncode"] < 0
+
+
 def parse_runner(log: Path) -> dict:
     for line in reversed(_tail(log, 200000).splitlines()):
         if line.startswith("gptqmodel_runner: "):
@@ -157,6 +175,7 @@ def main() -> int:
                          "float32 works for GPTQ only, its CPU AWQ packer takes float16/bfloat16)")
     ap.add_argument("--feed", default="encoded", choices=("encoded", "conversations"),
                     help="GPTQModel's calibration input: our encoded inputs (default) or chats it encodes itself")
+    ap.add_argument("--no-run", action="store_true", help="run nothing: the summary of the --previous files' jobs")
     ap.add_argument("--timeout", type=float, help="seconds per job (default: none)")
     ap.add_argument("--workdir", help="folder for outputs and logs (default: a temporary one, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (quantized checkpoints and logs)")
@@ -192,7 +211,7 @@ def main() -> int:
         jobs += [j for j in old["jobs"] if j["method"] in methods]
     failed = False
     try:
-        for run in range(1, args.runs + 1):
+        for run in range(1, 0 if args.no_run else args.runs + 1):
             for method in methods:
                 for tool in tools:
                     tag = f"{method}-{tool}-run{run}"
@@ -216,7 +235,8 @@ def main() -> int:
                     jobs.append(r)
                     if r["returncode"] != 0:
                         failed = True
-                        why = "timed out" if r["timed_out"] else f"exit code {r['returncode']}"
+                        why = ("timed out" if r["timed_out"] else f"killed by signal {-r['returncode']}"
+                               if r["returncode"] < 0 else f"exit code {r['returncode']}")
                         print(f"[{tag}] FAILED ({why}) after {r['wall_s']:.1f} s; log {r['log']}:\n"
                               f"{_tail(Path(r['log']))}", flush=True)
                     else:
@@ -237,8 +257,18 @@ def main() -> int:
             fig[tool] = {"wall_s": statistics.median(j["wall_s"] for j in ok) if ok else None,
                          "peak_rss_bytes": int(statistics.median(j["peak_rss_bytes"] for j in ok)) if ok else None,
                          "runs_ok": len(ok)}
+            cut = [j for j in jobs if j["method"] == method and j["tool"] == tool and stopped(j)]
+            if not ok and cut:  # its longest stopped run bounds the figures from below
+                j = max(cut, key=lambda j: j["wall_s"])
+                fig[tool]["stopped"] = {"wall_s_at_least": j["wall_s"], "peak_rss_bytes_at_least": j["peak_rss_bytes"],
+                                        **(parse_progress(Path(j["log"])) if tool == "gptqmodel" else {})}
         o, t = fig["ours"], fig["gptqmodel"]
         tr, rr = ratio(o["wall_s"], t["wall_s"]), ratio(o["peak_rss_bytes"], t["peak_rss_bytes"])
+        bound = None
+        if tr is None and o["wall_s"] is not None and "stopped" in t:  # GPTQModel stopped: ours / its lower bound
+            b = t["stopped"]
+            bound = {"time_ratio_at_most": ratio(o["wall_s"], b["wall_s_at_least"]),
+                     "rss_ratio_at_most": ratio(o["peak_rss_bytes"], b["peak_rss_bytes_at_least"])}
         # the same inputs: our tokens / image tokens vs what GPTQModel was fed and what its modules saw
         od = next((j["details"] for j in jobs if j["method"] == method and j["tool"] == "ours" and j["details"]), {})
         td = next((j["details"] for j in jobs if j["method"] == method and j["tool"] == "gptqmodel" and j["details"]), {})
@@ -247,8 +277,11 @@ def main() -> int:
             same = (od.get("tokens") == td.get("tokens") and od.get("image_tokens") == td.get("image_tokens")
                     and od.get("samples") == td.get("samples") and td.get("tokens_per_module") == [str(od.get("tokens"))]
                     and od.get("linears") == td.get("modules_quantized"))
-        summary[method] = {"ours": o, "gptqmodel": t, "time_ratio": tr, "rss_ratio": rr,
-                           "target_met": None if tr is None or rr is None else (tr <= 1.0 and rr <= 1.0),
+        met = None if tr is None or rr is None else (tr <= 1.0 and rr <= 1.0)
+        if bound is not None:
+            met = bound["time_ratio_at_most"] <= 1.0 and bound["rss_ratio_at_most"] <= 1.0
+        summary[method] = {"ours": o, "gptqmodel": t, "time_ratio": tr, "rss_ratio": rr, "bounds": bound,
+                           "target_met": met,
                            "same_inputs": same, "ours_inputs": od,
                            "gptqmodel_inputs": {k: td.get(k) for k in ("samples", "image_samples", "tokens", "image_tokens",
                                                                        "tokens_per_module", "modules_quantized",
@@ -261,11 +294,17 @@ def main() -> int:
     print("| method | ours wall s | GPTQModel wall s | ratio | ours peak RSS | GPTQModel peak RSS | ratio |")
     print("|---|---|---|---|---|---|---|")
     for method, s in summary.items():
-        o, t = s["ours"], s["gptqmodel"]
+        o, t, b = s["ours"], s["gptqmodel"], s["bounds"]
         ow = "-" if o["wall_s"] is None else f"{o['wall_s']:.1f}"
-        tw = "-" if t["wall_s"] is None else f"{t['wall_s']:.1f}"
-        print(f"| {method.upper()} | {ow} | {tw} | {fmt_ratio(s['time_ratio'])} | {gib(o['peak_rss_bytes'])} | "
-              f"{gib(t['peak_rss_bytes'])} | {fmt_ratio(s['rss_ratio'])} |")
+        tw, tm, trr, rrr = ("-" if t["wall_s"] is None else f"{t['wall_s']:.1f}", gib(t["peak_rss_bytes"]),
+                            fmt_ratio(s["time_ratio"]), fmt_ratio(s["rss_ratio"]))
+        if "stopped" in t:
+            st = t["stopped"]
+            where = f", stopped in layer {st['layer_started']} of {st['layers']}" if "layers" in st else ", stopped"
+            tw, tm = f"> {st['wall_s_at_least']:.1f}{where}", f"> {gib(st['peak_rss_bytes_at_least'])}"
+            if b is not None:
+                trr, rrr = f"< {fmt_ratio(b['time_ratio_at_most'])}", f"< {fmt_ratio(b['rss_ratio_at_most'])}"
+        print(f"| {method.upper()} | {ow} | {tw} | {trr} | {gib(o['peak_rss_bytes'])} | {tm} | {rrr} |")
     print()
     for method, s in summary.items():
         od, td = s["ours_inputs"], s["gptqmodel_inputs"]
