@@ -168,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
         model.prepare_dataset = prepare_dataset  # the instance attribute wins over MiniCPMV4_6QModel.prepare_dataset
     t_load = time.perf_counter() - t0 - t_import - t_calib
+    head = {"tool": f"gptqmodel {gptqmodel_version}", "method": args.method, "model": str(ckpt.path), "feed": args.feed,
+            "calibration": dataset, "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), **fed}
+    print("gptqmodel_runner: " + json.dumps(head), flush=True)  # what was fed, also for a run stopped before the end
     model.quantize(calibration, batch_size=1, **qkw)
     t_quant = time.perf_counter() - t0 - t_import - t_calib - t_load
     model.save(args.out)
     t_total = time.perf_counter() - t0
     rep = {
-        "tool": f"gptqmodel {gptqmodel_version}", "method": args.method, "model": str(ckpt.path), "out": args.out,
-        "feed": args.feed, "calibration": dataset, "dtype": dtype, "torch_threads": torch.get_num_threads(),
-        "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), **fed, **_quant_log(Path(args.out)),
+        **head, "out": args.out, **_quant_log(Path(args.out)),
         "seconds": {"import": round(t_import, 2), "calibration": round(t_calib, 2), "load": round(t_load, 2),
                     "quantize": round(t_quant, 2), "save": round(t_total - t_import - t_calib - t_load - t_quant, 2),
                     "total": round(t_total, 2)},
