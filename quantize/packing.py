@@ -188,6 +188,7 @@ def _scales_as(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 # -- formats --------------------------------------------------------------------------------------
 
 def _gptq(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors, keyed by the suffix after the module name."""
     bits = qw.scheme.bits
     out = {
         "qweight": pack_rows(qw.q.t(), bits),
@@ -213,6 +214,7 @@ def unpack_gptq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> Q
 
 
 def _awq(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """AWQ GEMM tensors (AutoAWQ `WQLinear_GEMM`), keyed by the suffix after the module name."""
     out = {
         "qweight": pack_cols(qw.q.t(), 4, AWQ_ORDER),
         "qzeros": pack_cols(qw.zeros.t(), 4, AWQ_ORDER),
@@ -237,6 +239,7 @@ def unpack_awq(t: dict[str, torch.Tensor], scheme: Scheme, name: str = "") -> Qu
 
 
 def _compressed(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized (symmetric) tensors; `dtype` is the model's float dtype."""
     out = {
         "weight_packed": pack_cols(qw.q, qw.scheme.bits),
         "weight_scale": _scales_as(qw, dtype).contiguous(),
@@ -281,20 +284,4 @@ def packed_layout(qw: QuantizedWeight, fmt: str, dtype: torch.dtype = torch.bflo
     return {k: (v.dtype, tuple(v.shape)) for k, v in _TRANSFORMS[fmt](m, dtype).items()}
 
 
-def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors, keyed by the suffix after the module name."""
-    return pack(qw, "gptq")
-
-
-def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """AWQ GEMM tensors (AutoAWQ `WQLinear_GEMM`), keyed by the suffix after the module name."""
-    return pack(qw, "awq")
-
-
-def pack_compressed(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """compressed-tensors pack-quantized (symmetric) tensors; `dtype` is the model's float dtype."""
-    return pack(qw, "compressed-tensors", dtype)
-
-
-PACKERS = {"gptq": pack_gptq, "awq": pack_awq, "compressed-tensors": pack_compressed}
 UNPACKERS = {"gptq": unpack_gptq, "awq": unpack_awq, "compressed-tensors": unpack_compressed}

@@ -13,7 +13,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.hf_quant import BLOCK, linear_modules, write_quantized_checkpoint
-from quantize.packing import PACKERS, UNPACKERS, pack_cols, pack_rows, packed_layout
+from quantize.packing import UNPACKERS, pack, pack_cols, pack_rows, packed_layout
 from quantize.qweight import QuantizedWeight, Scheme
 
 GROUP = 64  # divides the tiny model's in-features (256, 512)
@@ -101,15 +101,14 @@ def random_qw(out_f: int, in_f: int, scheme: Scheme, g_idx=None, seed: int = 0) 
 def test_pack_roundtrip(fmt, bits, sym):
     scheme = Scheme(bits=bits, group_size=32, sym=sym)
     qw = random_qw(48, 128, scheme, seed=bits)
-    packed = PACKERS[fmt](qw)
+    packed = pack(qw, fmt)
     assert all(t.dtype == torch.int32 for k, t in packed.items() if k in ("qweight", "qzeros", "weight_packed"))
     back = UNPACKERS[fmt](packed, scheme, "m")
     assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros) and torch.equal(back.g_idx, qw.g_idx)
     assert torch.equal(back.scales, qw.scales.to(SCALE_DTYPE[fmt]).float())
     qw.bias = torch.rand(48)  # the writer plans shards from packed_layout and packs later
-    assert packed_layout(qw, fmt) == {k: (v.dtype, tuple(v.shape)) for k, v in PACKERS[fmt](qw).items()}
+    assert packed_layout(qw, fmt) == {k: (v.dtype, tuple(v.shape)) for k, v in pack(qw, fmt).items()}
     assert "bias" in packed_layout(qw, fmt)
-
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
@@ -118,10 +117,10 @@ def test_pack_in_row_blocks(monkeypatch, fmt):
     import quantize.packing as packing
 
     qw = random_qw(48, 256, Scheme(bits=4, group_size=32, sym=True), seed=3)
-    whole = PACKERS[fmt](qw)
+    whole = pack(qw, fmt)
     for codes in (1, 300, 1000):  # one output row per block, blocks that do not divide the rows
         monkeypatch.setattr(packing, "_BLOCK_CODES", codes)
-        blocks = PACKERS[fmt](qw)
+        blocks = pack(qw, fmt)
         assert all(torch.equal(blocks[k], whole[k]) for k in whole)
 
 
@@ -131,7 +130,7 @@ def test_pack_layouts_by_hand():
     q = torch.arange(16, dtype=torch.int32).repeat(8, 1)  # q[o, i] = i
     qw = QuantizedWeight("m", scheme, q, torch.ones(8, 2), torch.full((8, 2), 8, dtype=torch.int32),
                          (torch.arange(16) // 8).to(torch.int32))
-    t = PACKERS["gptq"](qw)
+    t = pack(qw, "gptq")
     assert t["qweight"].shape == (2, 8) and t["qweight"][0, 0].item() == 0x76543210
     assert t["qweight"][1, 0].view(torch.uint32).item() == 0xFEDCBA98
     assert (t["qzeros"].view(torch.uint32) == 0x77777777).all()
@@ -147,25 +146,25 @@ def test_pack_refusals():
     perm = torch.randperm(128, generator=torch.Generator().manual_seed(0))
     act = random_qw(32, 128, asym, g_idx=perm // 32)
     with pytest.raises(ConvertError, match="no g_idx"):
-        PACKERS["awq"](act)
-    assert torch.equal(UNPACKERS["gptq"](PACKERS["gptq"](act), asym).g_idx, act.g_idx)  # GPTQ stores act-order
+        pack(act, "awq")
+    assert torch.equal(UNPACKERS["gptq"](pack(act, "gptq"), asym).g_idx, act.g_idx)  # GPTQ stores act-order
     zero0 = random_qw(32, 128, Scheme(bits=4, group_size=32, sym=False))
     zero0.zeros[3, 1] = 0
     with pytest.raises(ConvertError, match="zero point of 0"):
-        PACKERS["gptq"](zero0)
-    assert torch.equal(UNPACKERS["awq"](PACKERS["awq"](zero0), zero0.scheme).zeros, zero0.zeros)  # AWQ stores 0
+        pack(zero0, "gptq")
+    assert torch.equal(UNPACKERS["awq"](pack(zero0, "awq"), zero0.scheme).zeros, zero0.zeros)  # AWQ stores 0
     with pytest.raises(ConvertError, match="^asymmetric compressed-tensors does not load in transformers 5.23"):
-        PACKERS["compressed-tensors"](zero0)
+        pack(zero0, "compressed-tensors")
     bad_sym = random_qw(32, 128, sym)
     bad_sym.zeros[0, 0] = 7
     with pytest.raises(ConvertError, match="symmetric but some zero points differ from 8"):
-        PACKERS["gptq"](bad_sym)
+        pack(bad_sym, "gptq")
     with pytest.raises(ConvertError, match="4-bit codes only"):
-        PACKERS["awq"](random_qw(32, 128, Scheme(bits=8, group_size=32, sym=True)))
+        pack(random_qw(32, 128, Scheme(bits=8, group_size=32, sym=True)), "awq")
     big = random_qw(32, 128, sym)
     big.scales[0, 0] = 1e6
     with pytest.raises(ConvertError, match="overflows float16"):
-        PACKERS["gptq"](big)
+        pack(big, "gptq")
 
 
 # -- the folder ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from convert.gguf.export import export_gguf
 from convert.gguf.plan import build_plan
 from convert.hf_quant import write_quantized_checkpoint
 from convert.quantized_source import AWQ_SCALES, QuantizedCheckpoint, open_checkpoint
-from quantize.packing import PACKERS, UNPACKERS
+from quantize.packing import UNPACKERS, pack
 from quantize.qweight import Scheme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def _copy_with_source(folder: Path, dst: Path, source_path: str) -> Path:
 
 def _dequantized(qw, fmt: str) -> np.ndarray:
     """What the folder holds for one result: packed (fp16 scales) and unpacked again."""
-    return UNPACKERS[fmt](PACKERS[fmt](qw), qw.scheme, qw.name).dequantize().numpy()
+    return UNPACKERS[fmt](pack(qw, fmt), qw.scheme, qw.name).dequantize().numpy()
 
 
 def test_awq_folded_export_is_the_original_model(tmp_path, awq, tiny_ckpt, reference, prompt, ref_logits):
