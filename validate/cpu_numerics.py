@@ -61,18 +61,32 @@ def quantize_activations(x, kind: str | None):
     return (q * d).reshape(shape).to(x.dtype)
 
 
-def emulate_matmul_inputs(model, types: dict[str, T]) -> list:
+def _in_order(x, kind: str | None, order):
+    """quantize_activations along the GGUF's column order `order` (HF indices), back in HF order."""
+    import torch
+
+    if order is None:
+        return quantize_activations(x, kind)
+    order = torch.as_tensor(order)
+    back = torch.argsort(order)
+    return quantize_activations(x[..., order], kind)[..., back]
+
+
+def emulate_matmul_inputs(model, types: dict[str, T], col_orders: dict | None = None) -> list:
     """Register pre-hooks on the nn.Linear modules whose weight (HF name -> ggml type) is not F32;
-    returns the hook handles (call .remove() on each to undo)."""
+    returns the hook handles (call .remove() on each to undo). `col_orders`: HF weight name -> the
+    GGUF's column order, where it differs (see weights.fake_quant_state_dict)."""
     import torch
 
     handles = []
+    col_orders = col_orders or {}
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
         kind = vec_dot_kind(types.get(f"{name}.weight", T.F32))
         if kind is None:
             continue
+        order = col_orders.get(f"{name}.weight")
         handles.append(mod.register_forward_pre_hook(
-            lambda m, args, kind=kind: (quantize_activations(args[0], kind), *args[1:])))
+            lambda m, args, kind=kind, order=order: (_in_order(args[0], kind, order), *args[1:])))
     return handles

@@ -44,11 +44,13 @@ class Reference:
 
         rt = ReferenceRuntime(ckpt, n_threads=threads)
         types: dict = {}
-        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types), restore=False)
+        orders: dict = {}
+        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types, col_orders=orders),
+                        restore=False)
         embed = "model.language_model.embed_tokens.weight"
         if ckpt.spec.tie_word_embeddings and embed in types:
             types.setdefault("lm_head.weight", types[embed])  # llama.cpp's output matmul reads token_embd
-        emulate_matmul_inputs(rt.model, types)
+        emulate_matmul_inputs(rt.model, types, orders)
         return cls("fake-quant", rt)
 
     @classmethod

@@ -515,7 +515,8 @@ def check_metadata(ckpt: Checkpoint, gguf_path) -> list[str]:
 
 # -- the fake-quantized reference ------------------------------------------------------------
 
-def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None) -> dict:
+def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None,
+                          col_orders: dict | None = None) -> dict:
     """HF name -> torch float32 tensor: the source as each artifact's tensor type would store it.
 
     Every non-F32 tensor of the given artifacts is re-quantized from the source after transforms
@@ -524,7 +525,10 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: 
     left out: they hold the source exactly, and inverting add_one / neg_exp would only add float32
     rounding to weights the model already has. When two artifacts hold the same HF tensor (the 16x
     and 4x projectors), the later one's version is kept. `types`, when given, receives each HF
-    tensor's ggml type (F32 ones included), for the reference's activation emulation.
+    tensor's ggml type (F32 ones included), for the reference's activation emulation; `col_orders`
+    receives, for each weight whose columns the GGUF stores in another order (ssm_out's V heads),
+    that order as HF column indices: ggml quantizes the matmul's input in blocks along the GGUF
+    order, and a Q8_K block of 256 then spans other heads than in HF order.
     """
     import torch
 
@@ -542,6 +546,10 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: 
                 raise ConvertError(f"{path.name}: tensor {t.name}: not produced from this checkpoint; run check_tensors")
             if types is not None:
                 types[p.source] = qt
+            if col_orders is not None and "v_cols" in p.transforms:
+                cols = ckpt.info(p.source).shape[1]
+                idx = transforms.apply(("v_cols",), np.arange(cols, dtype=np.float32)[None, :], ckpt.spec)
+                col_orders[p.source] = idx[0].astype(np.int64)
             if qt == T.F32:
                 continue
             if qt not in ggml.SUPPORTED:
