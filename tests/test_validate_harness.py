@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 is not installed (pip install -e '.[llama]')")
 
 from gguf import GGUFReader  # noqa: E402
-from gguf_edit import raw, rewrite  # noqa: E402
+from validate.faults import raw, rewrite  # noqa: E402
 
 from validate.artifacts import discover  # noqa: E402
 from validate.harness import EXIT_CRASHED, EXIT_FAILED, EXIT_OK, Profile, run_validation  # noqa: E402

@@ -11,7 +11,7 @@ from convert import Checkpoint, ConvertError
 from convert.gguf import transforms
 from convert.gguf.plan import build_plan
 from validate.gguf_diff import tensor_f32
-from gguf_edit import raw, rewrite  # noqa: E402
+from validate.faults import raw, rewrite  # noqa: E402
 from validate.weights import artifact_kind, check_metadata, check_tensors, fake_quant_state_dict, load_fake_quant
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConvertError
 from ..spec import ModelSpec
-from .presets import PRESETS, preset_config
+from .presets import PRESETS, Preset, preset_config
 from .tokenizer import write_processor_files, write_tokenizer
 
 DEFAULT_SEED = 0
@@ -23,17 +23,21 @@ DEFAULT_SEED = 0
 CACHE_DIR = Path(os.environ.get("MINICPMV_EDGE_CACHE", Path.home() / ".cache" / "minicpmv-edge"))
 
 
-def build_synthetic(preset: str, out: Path, *, seed: int = DEFAULT_SEED, report: bool = True,
+def build_synthetic(preset: "str | Preset", out: Path, *, seed: int = DEFAULT_SEED, report: bool = True,
                     quiet: bool = False) -> dict | None:
-    """Write the checkpoint into `out` (atomically) and return the behaviour report."""
+    """Write the checkpoint into `out` (atomically) and return the behaviour report. `preset` is a
+    name of PRESETS or a Preset (e.g. one from draw.draw_preset)."""
     import torch
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
     from .weights import init_weights
 
-    if preset not in PRESETS:
+    if isinstance(preset, Preset):
+        p = preset
+    elif preset in PRESETS:
+        p = PRESETS[preset]
+    else:
         raise ConvertError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
