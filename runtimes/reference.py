@@ -101,12 +101,16 @@ class ReferenceRuntime(Runtime):
                              "n_decode": n}
         return out
 
-    def image_inputs(self, image, mode: str = "16x") -> dict:
+    # `mode` defaults to the runtime's own token mode, the one image_layout and prefill use: the
+    # harness asks for embeddings through the Runtime interface, which passes no mode (a fixed
+    # "16x" default gave 16x embeddings under a 4x layout).
+    def image_inputs(self, image, mode: str | None = None) -> dict:
         """Processor outputs for one image (pixel_values, target_sizes) in `mode`."""
         proc = self.ckpt.processor
-        return proc.image_processor([image], downsample_mode=mode, return_tensors="pt")
+        return proc.image_processor([image], downsample_mode=mode or self.mode, return_tensors="pt")
 
-    def image_embeddings(self, image, mode: str = "16x") -> list[np.ndarray]:
+    def image_embeddings(self, image, mode: str | None = None) -> list[np.ndarray]:
+        mode = mode or self.mode
         inp = self.image_inputs(image, mode)
         with self.torch.no_grad():
             feats = self.model.model.get_image_features(
@@ -184,7 +188,7 @@ class ReferenceRuntime(Runtime):
         """transformers' processor's expansion of one image: `<image_id>`, `<image>`, slices, as
         text chunks around one image chunk per overview/slice."""
         proc = self.ckpt.processor
-        enc = proc(text=["<|image_pad|>"], images=[[image]], downsample_mode=self.mode, return_tensors="pt")
+        enc = proc(text=[proc.image_token], images=[[image]], downsample_mode=self.mode, return_tensors="pt")
         ids = [int(t) for t in enc["input_ids"][0]]
         pad = int(self.model.config.image_token_id)
         chunks: list[Chunk] = []
