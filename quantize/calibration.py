@@ -1,7 +1,10 @@
 """Calibration samples for importance matrices: chats with and without images.
 
 A sample is a chat rendered with the checkpoint's chat template and run through MiniCPM-V's
-processor, so image samples put real image-token activations into the statistics.
+processor, so image samples put real image-token activations into the statistics. A checkpoint
+whose processor has no template, whose template drops images, or that has no template at all
+still gets its image placeholders where the image was (convert/chat.py chooses the layout once
+per run; `calibration_layout` names it).
 
 Sources (`--calib`):
 
@@ -45,7 +48,7 @@ from convert.errors import ConvertError
 
 __all__ = ["DEFAULT_SAMPLES", "DEFAULT_SEQLEN", "IMAGE_EXTS", "SETS", "Encoded", "Sample",
            "default_samples", "folder_samples", "text_file_samples", "load_calibration", "encode_sample",
-           "skimage_data_dir"]
+           "calibration_layout", "skimage_data_dir"]
 
 SETS = ("default", "text")
 DEFAULT_SAMPLES = 64
@@ -308,20 +311,44 @@ def load_calibration(calib: str | Path = "default", *, tokenizer=None, n: int | 
 # encoding
 
 
+_LAYOUT_ATTR = "_minicpmv_edge_chat_layout"
+
+
+def chat_layout_of(processor):
+    """The processor's chat layout (convert/chat.py), chosen on first use and kept on the
+    processor, so every sample of a run is laid out the same way."""
+    from convert.chat import chat_layout
+
+    layout = getattr(processor, _LAYOUT_ATTR, None)
+    if layout is None:
+        layout = chat_layout(processor.tokenizer, processor)
+        setattr(processor, _LAYOUT_ATTR, layout)
+    return layout
+
+
+def calibration_layout(ckpt, samples: list[Sample]) -> str:
+    """How a checkpoint's samples are laid out, in words (the quantize CLIs print it)."""
+    if all(s.token_ids is not None for s in samples):
+        return "plain text chunks (no chat template)"
+    return chat_layout_of(ckpt.processor).description
+
+
 def encode_sample(processor, sample: Sample, *, seqlen: int, mode: str | None = None) -> Encoded:
     """Model inputs for one sample, at most `seqlen` tokens, never cut inside an image."""
     import torch
 
+    from convert.chat import IM_END
+
     if sample.token_ids is not None:
         return Encoded(torch.tensor([list(sample.token_ids[:seqlen])], dtype=torch.long))
     msgs = list(sample.messages)
-    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=msgs[-1]["role"] == "user")
+    text = chat_layout_of(processor).render(msgs, add_generation_prompt=msgs[-1]["role"] == "user")
     if sample.image is None:
         out = processor(text=text, return_tensors="pt")
         return Encoded(out["input_ids"][:, :seqlen])
     tok = processor.tokenizer
     img_id = processor.image_token_id
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    end_id = tok.convert_tokens_to_ids(IM_END)
     kw = {"downsample_mode": mode} if mode else {}
     need = None
     for k in _SLICE_SCHEDULE:

@@ -24,7 +24,7 @@ from convert.errors import ConvertError
 
 
 def cmd_imatrix(args) -> int:
-    from .calibration import load_calibration
+    from .calibration import calibration_layout, load_calibration
     from convert.gguf.imatrix import collect_imatrix
 
     from .imatrix import write_imatrix_gguf
@@ -41,6 +41,7 @@ def cmd_imatrix(args) -> int:
     ckpt = open_model(args)
     samples, dataset = load_calibration(args.calib, tokenizer=ckpt.tokenizer, n=args.samples,
                                         seqlen=args.seqlen, seed=args.seed)
+    print(f"calibration layout: {calibration_layout(ckpt, samples)}")
     stats: dict = {}
     data = collect_imatrix(ckpt, samples, seqlen=args.seqlen, mode=args.mode, datasets=[dataset],
                            process_output=args.process_output, quiet=args.quiet, n_threads=args.threads,
@@ -87,7 +88,7 @@ def _scheme_and_format(args):
 
 def cmd_gptq_awq(args) -> int:
     """Quantize the decoder with GPTQ or AWQ and write a complete HF folder, then validate it."""
-    from .calibration import load_calibration
+    from .calibration import calibration_layout, load_calibration
     from .sequential import quantize_model
 
     from convert.hf_quant import write_quantized_checkpoint
@@ -102,6 +103,7 @@ def cmd_gptq_awq(args) -> int:
                            "start from the full-precision checkpoint")
     samples, dataset = load_calibration(args.calib, tokenizer=ckpt.tokenizer, n=args.calib_samples, seqlen=args.seqlen,
                                         seed=args.seed)
+    print(f"calibration layout: {calibration_layout(ckpt, samples)}")
     result = quantize_model(ckpt, args.cmd, scheme, samples, seqlen=args.seqlen, damp=args.damp, clip=not args.no_clip,
                             quiet=args.quiet, n_threads=args.threads, keep_folded=False)
     st = result.stats
