@@ -3,8 +3,10 @@
 A scenario's prompt is a list of turns; a turn is a list of parts, each a piece of text (with
 its token ids from the reference tokenizer) or an image. The first turn starts from a fresh
 runtime state; each later turn continues it (multi-turn), while the reference recomputes the
-whole sequence in one pass. Text goes through the checkpoint's chat template; `<|image_pad|>`
-(what the template renders for an image) is where the runtime's own image layout goes.
+whole sequence in one pass. Text goes through the checkpoint's chat template (or, when it has
+none, MiniCPM-V 4.6's ChatML turns: convert/chat.py, shared with calibration); `<|image_pad|>`
+(what the template renders for an image, or what convert/chat.py puts where a template that drops
+images had the image item) is where the runtime's own image layout goes.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.chat import IM_END, IMAGE_TOKEN, chat_layout
 from convert.errors import ConvertError
 
 IMAGE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "images"
-IMAGE_PLACEHOLDER = "<|image_pad|>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN
 KINDS = ("text", "multi-turn", "image", "video")
 
 
@@ -96,13 +99,9 @@ def load_image(spec: dict[str, Any]):
     return img.resize((int(w), int(h)), Image.BICUBIC)
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _parts(tokenizer, text: str, first_image: int) -> list[TextPart | ImagePart]:
+def _parts(tokenizer, text: str, first_image: int, placeholder: str = IMAGE_PLACEHOLDER) -> list[TextPart | ImagePart]:
     out: list[TextPart | ImagePart] = []
-    pieces = text.split(IMAGE_PLACEHOLDER)
+    pieces = text.split(placeholder)
     for i, piece in enumerate(pieces):
         if i:
             out.append(ImagePart(first_image + i - 1))
@@ -116,16 +115,21 @@ def build_turns(scenario: Scenario, tokenizer) -> list[list[TextPart | ImagePart
     message with the generation prompt; each later turn is the assistant's answer, its end
     token, and the next user message with the generation prompt, i.e. exactly what a chat app
     appends to a live context."""
+    layout = chat_layout(tokenizer)
+
+    def parts(messages: list[dict], prefix: str = "") -> list[TextPart | ImagePart]:
+        text = prefix + layout.render(messages, add_generation_prompt=True)
+        return _parts(tokenizer, text, 0, layout.image_token)
+
     msgs = scenario.messages
     if scenario.kind != "multi-turn":
-        return [_parts(tokenizer, _render(tokenizer, msgs, True), 0)]
+        return [parts(msgs)]
     first_user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-    turns = [_parts(tokenizer, _render(tokenizer, msgs[:first_user + 1], True), 0)]
+    turns = [parts(msgs[:first_user + 1])]
     i = first_user + 1
     while i < len(msgs):
         if msgs[i]["role"] != "assistant" or i + 1 >= len(msgs):
             raise ConvertError(f"scenario {scenario.name}: multi-turn messages must alternate assistant, user")
-        text = msgs[i]["content"] + "<|im_end|>\n" + _render(tokenizer, [msgs[i + 1]], True)
-        turns.append(_parts(tokenizer, text, 0))
+        turns.append(parts([msgs[i + 1]], msgs[i]["content"] + IM_END + "\n"))
         i += 2
     return turns
