@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 bad input or options (one-line message, no traceback), 3 the written
 artifacts failed validation (kept, marked failed in manifest.json), 4 the runtime crashed or hung
-during validation, 1 unexpected error.
+during validation, 1 unexpected error (a bug: one line, the traceback in a log file or
+under --debug), 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -193,15 +194,38 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """--debug on the parser and each of its subcommands (`python -m convert --debug gguf` and
+    `python -m convert gguf --debug` both work)."""
+    parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                          for p in a.choices.values()]
+    for i, p in enumerate(parsers):
+        if "--debug" not in p._option_string_actions:
+            # SUPPRESS on subcommands: their default would overwrite a --debug given before them
+            p.add_argument("--debug", action="store_true", default=False if i == 0 else argparse.SUPPRESS,
+                           help="on an unexpected error (a bug), print the full traceback")
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse and dispatch; a ConvertError becomes one line on stderr and its exit code. Shared by the CLIs."""
+    """Parse and dispatch; a ConvertError becomes one line on stderr and its exit code. Shared by the CLIs.
+    SIGINT/SIGTERM end the command through its cleanup with 130/143; any other exception is a bug:
+    one line naming where it was raised, the traceback in a log file (or on stderr with --debug), exit 1."""
+    from .interrupt import Interrupted, report_bug, signals_as_exceptions
+
     quiet_third_party_logs()
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    with signals_as_exceptions():
+        try:
+            return args.func(args)
+        except ConvertError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except Interrupted as e:
+            print(f"error: interrupted ({e.name})", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("error: interrupted (SIGINT)", file=sys.stderr)
+            return 130
+        except Exception as e:
+            return report_bug(e, argv, getattr(args, "debug", False))
