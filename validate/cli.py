@@ -30,7 +30,7 @@ def _write_json(path: Path, report: dict) -> None:
 
 def validate_and_report(ckpt, artifacts, *, scenarios: str = "default", profile=None, quiet: bool = False,
                         imatrix=None, json_out: Path | None = None, html_out: Path | None = None,
-                        speed_anchor: bool = True) -> dict:
+                        speed_anchor: bool = True, max_kl: float | None = None) -> dict:
     """Run the harness, print the summary, write the reports. Shared with `python -m convert`."""
     from .harness import run_validation
     from .report import summary_text, write_html
@@ -38,7 +38,7 @@ def validate_and_report(ckpt, artifacts, *, scenarios: str = "default", profile=
 
     chosen = load_scenarios(scenarios)
     report = run_validation(ckpt, artifacts, chosen, profile=profile, scenario_set=scenarios, quiet=quiet,
-                            imatrix=imatrix, speed_anchor=speed_anchor)
+                            imatrix=imatrix, speed_anchor=speed_anchor, max_kl=max_kl)
     print(summary_text(report))
     if json_out:
         _write_json(Path(json_out), report)
@@ -58,7 +58,7 @@ def cmd_validate(args) -> int:
     if args.mmproj and args.decoder is None:
         raise ConvertError("--mmproj goes with --decoder (a folder's projectors are found by themselves)")
     for flag, v in (("--threads", args.threads), ("--ctx", args.ctx), ("--memory-budget", args.memory_budget),
-                    ("--timeout", args.timeout)):
+                    ("--timeout", args.timeout), ("--max-kl", args.max_kl)):
         if v is not None and v <= 0:
             raise ConvertError(f"{flag} {v}: must be positive")
     from .scenarios import load_scenarios
@@ -76,7 +76,7 @@ def cmd_validate(args) -> int:
     html_out = Path(args.report) if args.report else (folder / REPORT_HTML if folder else None)
     report = validate_and_report(ckpt, artifacts, scenarios=args.scenarios, profile=profile, quiet=args.quiet,
                                  imatrix=args.imatrix, json_out=json_out, html_out=html_out,
-                                 speed_anchor=not args.no_speed_anchor)
+                                 speed_anchor=not args.no_speed_anchor, max_kl=args.max_kl)
     return report["exit_code"]
 
 
@@ -86,6 +86,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, help="runtime context size (default 4096)")
     p.add_argument("--memory-budget", type=float, help="fail when a runtime's peak RSS exceeds this many MB (default 3072)")
     p.add_argument("--timeout", type=float, help="seconds per artifact before its runtime counts as hung (default 600)")
+    p.add_argument("--max-kl", type=float, help="quality budget: fail when an artifact's mean KL divergence from the "
+                   "fp32 reference exceeds this (nats; default: quality is reported, not judged)")
 
 
 def build_parser() -> argparse.ArgumentParser:

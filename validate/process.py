@@ -49,15 +49,22 @@ class RuntimeProcess:
         penv.setdefault("GGML_NO_BACKTRACE", "1")  # a native abort prints no gdb backtrace
         self.proc = subprocess.Popen([sys.executable, "-m", "validate.worker", target, str(r_req), str(w_ans)],
                                      pass_fds=(r_req, w_ans), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._stderr, env=penv, cwd=str(ROOT))
+                                     stderr=self._stderr, env=penv, cwd=str(ROOT),
+                                     # its own process group: kill() takes any children it started,
+                                     # and a terminal's Ctrl-C reaches the harness only, which kills it
+                                     start_new_session=True)
         os.close(r_req)
         os.close(w_ans)
         self._w = os.fdopen(w_req, "w", encoding="utf-8")
         self._r = os.fdopen(r_ans, "r", encoding="utf-8")
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._r, selectors.EVENT_READ)
-        self._send(kwargs)
-        self.info = self._answer("load")
+        try:
+            self._send(kwargs)
+            self.info = self._answer("load")
+        except BaseException as e:  # no `with` block owns the process yet
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
 
     def _send(self, msg: dict) -> None:
         try:
@@ -93,27 +100,37 @@ class RuntimeProcess:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
             self.proc.wait()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self._w.write(json.dumps({"op": "exit"}) + "\n")
-                self._w.flush()
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.kill()
-        for f in (self._w, self._r):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self._sel.close()
-        self._stderr.close()
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self._w.write(json.dumps({"op": "exit"}) + "\n")
+                    self._w.flush()
+                    self.proc.wait(timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.kill()
+                except BaseException:  # interrupted while waiting for it
+                    self.kill()
+                    raise
+        finally:
+            for f in (self._w, self._r):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self._sel.close()
+            self._stderr.close()
 
     def __enter__(self) -> "RuntimeProcess":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.kill()  # interrupted (KeyboardInterrupt, SIGTERM): no polite exit, no 30 s wait
         self.close()
