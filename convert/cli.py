@@ -76,6 +76,8 @@ def cmd_gguf(args) -> int:
     if args.quant is not None and args.outtype is not None and args.quant.lower() != args.outtype.lower():
         raise ConvertError(f"--quant {args.quant} and --outtype {args.outtype} disagree; give one")
     args.quant = args.quant or args.outtype or "f16"
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
     overrides = _overrides(args)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / ckpt.name
@@ -113,7 +115,8 @@ def validate_outputs(args, ckpt, out: Path, paths: list[Path]) -> int:
         profile.threads = args.threads
     print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
     report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
-                                 imatrix=args.imatrix, json_out=out / REPORT_JSON, html_out=out / REPORT_HTML)
+                                 imatrix=args.imatrix, json_out=out / REPORT_JSON, html_out=out / REPORT_HTML,
+                                 max_kl=args.max_kl)
     status = "pass" if report["exit_code"] == 0 else "fail"
     mark_manifest(out, {p.name: status for p in paths})
     if status == "fail":
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-validate", action="store_true", help="skip validating the files against the PyTorch reference")
     g.add_argument("--scenarios", default="default", help="validation scenario set (default, quick, text, images)")
     g.add_argument("--threads", type=int, help="threads for the validation runtime (default min(4, cores))")
+    g.add_argument("--max-kl", type=float, help="validation quality budget: fail when the decoder's mean KL from the "
+                   "fp32 reference exceeds this (nats; default: reported, not judged)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_gguf)
     return ap

@@ -19,3 +19,13 @@ class HangingRuntime(LlamaCppRuntime):
 
     def prefill(self, parts, *, fresh=True):
         time.sleep(3600)
+
+
+class WrongModeRuntime(LlamaCppRuntime):
+    """Lays an image out in one token mode and returns its embeddings in another (the 4x/16x
+    mix-up the transformers-quant runtime once had): 4x as many rows as its layout says."""
+
+    def image_embeddings(self, image):
+        import numpy as np
+
+        return [np.repeat(e, 4, axis=0) for e in super().image_embeddings(image)]

@@ -183,6 +183,20 @@ def test_runtime_crash_or_hang_is_a_failed_row(tiny_ckpt, tiny_gguf, tmp_path, r
     assert [s["status"] for s in row["scenarios"]] == ["not-run"] * 3
 
 
+def test_runtime_embeddings_disagreeing_with_its_layout_is_a_failed_row(tiny_ckpt, tiny_gguf):
+    """A runtime whose image embeddings do not match its own layout: a failure row naming it, no
+    traceback from the arithmetic (the transformers-quant runtime once returned 16x embeddings
+    for a 4x layout)."""
+    dec, mm = tiny_gguf("f16")
+    prof = Profile(runtime="fake_runtimes:WrongModeRuntime")
+    rep = run_validation(tiny_ckpt, discover(None, dec, [mm["16x"]]), load_scenarios("image-448-16x"), profile=prof,
+                         quiet=True, speed_anchor=False, env={"PYTHONPATH": str(Path(__file__).parent)})
+    row = rep["artifacts"][0]
+    assert rep["exit_code"] == EXIT_FAILED and row["status"] == "fail" and row["verdict"]["conversion"] == "fail"
+    msg = row["scenarios"][0]["failures"][0]
+    assert msg.startswith("image-448-16x: layout:") and "returns embeddings of [256] tokens" in msg and "[64]" in msg, msg
+
+
 def test_cli_crash_is_a_clean_exit(tmp_path, tiny_dir, tiny_gguf):
     dec, mm = tiny_gguf("f16")
     env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{Path(__file__).parent}"}
@@ -229,19 +243,19 @@ def test_bad_input(tmp_path, tiny_dir, tiny_alt_dir, tiny_gguf):
 # python -m convert validates what it wrote
 
 
-def test_convert_marks_failed_artifacts(tmp_path, tiny_dir, monkeypatch):
-    import validate.harness as harness
+def test_convert_marks_failed_artifacts(tmp_path, tiny_dir):
+    """A quality budget the Q8_0 cannot meet (--max-kl) fails it: exit 3, files kept, marked."""
     from convert.cli import main
 
-    strict = harness.tolerances()
-    strict["decoder"] = {"default": {"fp32": {"kl_mean": 0.0}}}
-    monkeypatch.setattr(harness, "tolerances", lambda: strict)
     out = tmp_path / "o"
     code = main(["gguf", "--model", str(tiny_dir), "--quant", "q8_0", "--out", str(out), "--scenarios", "text-chat",
-                 "--quiet"])
+                 "--max-kl", "1e-9", "--quiet"])
     assert code == EXIT_FAILED
     m = json.loads((out / "manifest.json").read_text())
     assert {a["validation"] for a in m["artifacts"]} == {"fail"} and len(m["artifacts"]) == 2
     assert all((out / a["file"]).is_file() for a in m["artifacts"])
     rep = json.loads((out / "validation.json").read_text())
-    assert "kl_mean vs fp32 reference" in rep["artifacts"][0]["scenarios"][0]["failures"][0]
+    row = rep["artifacts"][0]
+    assert "quality: kl_mean vs fp32 reference" in row["scenarios"][0]["failures"][0]
+    # the file itself is what it claims to be: only the quality question failed
+    assert row["verdict"]["conversion"] == "pass" and row["verdict"]["quality"]["status"] == "over budget"

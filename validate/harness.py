@@ -28,6 +28,7 @@ from .metrics import compare_logits, cosine
 from .process import RuntimeFailure, RuntimeProcess
 from .references import Reference
 from .scenarios import Scenario, TextPart, build_turns, load_image
+from .verdict import judge, lookup, summarize
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_CRASHED = 0, 2, 3, 4
 FAILING = ("fail", "crashed", "timeout")
@@ -54,13 +55,6 @@ def tolerances() -> dict:
     return load("tolerances")
 
 
-def _lookup(table: dict, label: str) -> dict:
-    if label in table:
-        return table[label]
-    family = label.rsplit("_", 1)[0] if label.endswith(("_S", "_M", "_L", "_XS", "_XL")) else label
-    return table.get(family, table["default"])
-
-
 def _progress(quiet: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -69,8 +63,10 @@ def _progress(quiet: bool, total: int, desc: str):
 
 class Harness:
     def __init__(self, ckpt: Checkpoint, profile: Profile | None = None, *, quiet: bool = False,
-                 imatrix: str | Path | None = None, fake_quant: bool = True, env: dict | None = None):
+                 imatrix: str | Path | None = None, fake_quant: bool = True, env: dict | None = None,
+                 max_kl: float | None = None):
         self.ckpt = ckpt
+        self.max_kl = max_kl
         self.env = env  # extra environment for the runtime processes
         self.profile = profile or Profile()
         self.quiet = quiet
@@ -166,6 +162,7 @@ class Harness:
         if row["status"] == "pass" and (any(c["status"] == "fail" for c in row["checks"]) or
                                         any(s["status"] == "fail" for s in row["scenarios"])):
             row["status"] = "fail"
+        row["verdict"] = summarize(row)
         return row
 
     # -- scenarios ---------------------------------------------------------------------------------
@@ -200,7 +197,7 @@ class Harness:
         fq_chunks: dict[int, list] = {}
         out["images"], out["layout"] = [], {"reference": {"tokens": []}, "artifact": {"tokens": []}}
         encode_s = 0.0
-        proj_tol = _lookup(self.tol["projector"], mm.type_label) if mm else {}
+        proj_tol = lookup(self.tol["projector"], mm.type_label) if mm else {}
         known_diff = []
         for i, path in enumerate(images):
             layout = proc.request("layout", image=str(path))["chunks"]
@@ -219,6 +216,14 @@ class Harness:
             if [e.shape[0] for e in ref_embs] != counts_art:
                 fail.append(f"{sc.name}: layout: {art.name} lays image {i} out as {counts_art} tokens, its own pixels give "
                             f"{[e.shape[0] for e in ref_embs]} in the reference")
+                return self._finish(out)
+            got = [int(e.shape[0]) if e.ndim == 2 else -1 for e in art_embs]
+            width = {int(e.shape[-1]) for e in art_embs} - {self.ckpt.spec.text.hidden_size}
+            if got != counts_art or width:
+                # the runtime contradicts itself: nothing below could compare like with like
+                fail.append(f"{sc.name}: layout: {art.name} returns embeddings of {got} tokens"
+                            f"{f' x {sorted(width)}' if width else ''} for its own layout of {counts_art} tokens "
+                            f"(image {i})")
                 return self._finish(out)
             out["layout"]["reference"]["tokens"].append([e.shape[0] for e in native])
             out["layout"]["artifact"]["tokens"].append(counts_art)
@@ -277,7 +282,10 @@ class Harness:
         out["series"] = series
         if fq is not None:
             _, fq_logits = fq.run(segs(fq_chunks), sc.greedy, teacher=ref_toks)
-            out["metrics"]["fake-quant"] = compare_logits(fq_logits, art_logits)[0]
+            out["metrics"]["fake-quant"], out["series_fake_quant"] = compare_logits(fq_logits, art_logits)
+            # the yardstick: what the artifact's types cost on these weights, by the same metrics
+            out["metrics"]["fake-quant-vs-fp32"], yard = compare_logits(ref_logits, fq_logits)
+            out["series_fake_quant"]["types_logit_err"] = yard["logit_err"]
         art_toks = [int(np.argmax(art_logits[len(art_logits) - sc.greedy + k])) for k in range(sc.greedy)]
         div = next((k for k, (a, b) in enumerate(zip(ref_toks, art_toks)) if a != b), None)
         # the artifact's tokens are its argmax at each step with the reference's tokens fed (teacher
@@ -285,17 +293,18 @@ class Harness:
         out["greedy"] = {"steps": sc.greedy, "teacher_forced": True, "reference": ref_toks, "artifact": art_toks,
                          "first_divergence": div,
                          "reference_text": tok.decode(ref_toks), "artifact_text": tok.decode(art_toks)}
-        tol = _lookup(self.tol["decoder"], art.label)
-        for ref_name, limits in tol.items():
-            m = out["metrics"].get(ref_name)
-            if m is None:
-                continue
-            for metric, limit in limits.items():
-                bad = m[metric] < limit if metric == "top1_agreement" else m[metric] > limit
-                if bad:
-                    fail.append(f"{sc.name}: {metric} vs {ref_name} reference = {m[metric]:.4g} "
-                                f"({'below' if metric == 'top1_agreement' else 'above'} {limit}) for {art.name}")
+        fails, out["verdict"] = judge(sc.name, art.name, art.label, out["metrics"],
+                                      out.get("series_fake_quant", series), self.tol, self.budget(art.label))
+        fail += fails
         return self._finish(out, known_diff, sc)
+
+    def budget(self, label: str) -> float | None:
+        """The quality budget (max KL mean vs fp32) for a decoder type: --max-kl, else the
+        tolerances' per-type `quality_budget`, else none (quality is reported, not judged)."""
+        if self.max_kl is not None:
+            return self.max_kl
+        b = lookup(self.tol.get("quality_budget", {}), label) if self.tol.get("quality_budget") else None
+        return None if b is None else float(b)
 
     def _finish(self, out: dict, known_diff: list[str] | None = None, sc: Scenario | None = None) -> dict:
         if out["failures"]:
@@ -376,7 +385,8 @@ def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scen
 
 def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[Scenario], *,
                    profile: Profile | None = None, scenario_set: str = "default", quiet: bool = False,
-                   imatrix: str | Path | None = None, speed_anchor: bool = True, env: dict | None = None) -> dict:
+                   imatrix: str | Path | None = None, speed_anchor: bool = True, env: dict | None = None,
+                   max_kl: float | None = None) -> dict:
     """Validate every artifact; the report dict (JSON-ready) with overall status and exit code."""
     for a in artifacts:
         check_same_model(ckpt, a)  # bad input before any work
@@ -384,7 +394,7 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
         names = ", ".join(s.name for s in scenarios if s.needs_vision)
         raise ConvertError(f"the scenarios {names} need a projector: pass --mmproj FILE (or choose --scenarios text)")
     t0 = time.monotonic()
-    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env)
+    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env, max_kl=max_kl)
     try:
         f16 = [a for a in artifacts if a.label == "F16"]
         order = f16[:1] + [a for a in artifacts if a not in f16[:1]]

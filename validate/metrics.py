@@ -41,13 +41,16 @@ def embedding_agreement(ref: np.ndarray, art: np.ndarray) -> dict[str, float]:
 def compare_logits(ref: np.ndarray, art: np.ndarray, chunk: int = 64) -> tuple[dict[str, float], dict[str, list]]:
     """`logits_agreement` plus the logits' cosine, computed `chunk` rows at a time (a 248k-entry
     vocabulary makes whole-prompt float64 softmaxes gigabytes), and per-position series: KL,
-    the reference's top-1 margin (top-1 minus top-2 logit) and whether the top-1 tokens agree."""
+    the reference's top-1 margin (top-1 minus top-2 logit), whether the top-1 tokens agree, and
+    the logit error's scale (RMS over the vocabulary of the difference less its mean: softmax
+    ignores a shift of every logit, so only this part can move probabilities or the top-1)."""
     if ref.shape != art.shape:
         raise ValueError(f"logits shapes differ: {ref.shape} vs {art.shape}")
     n = ref.shape[0]
     kl = np.empty(n)
     margin = np.empty(n)
     match = np.empty(n, dtype=bool)
+    err = np.empty(n)
     dd = rr = aa = ra = 0.0
     max_abs = 0.0
     for s in range(0, n, chunk):
@@ -58,6 +61,7 @@ def compare_logits(ref: np.ndarray, art: np.ndarray, chunk: int = 64) -> tuple[d
         margin[s:s + len(r)] = top2[:, 1] - top2[:, 0]
         match[s:s + len(r)] = r.argmax(-1) == a.argmax(-1)
         d = (a - r).astype(np.float64)
+        err[s:s + len(r)] = d.std(-1) if d.size else 0.0
         dd += float((d * d).sum())
         rr += float((r.astype(np.float64) ** 2).sum())
         aa += float((a.astype(np.float64) ** 2).sum())
@@ -73,5 +77,6 @@ def compare_logits(ref: np.ndarray, art: np.ndarray, chunk: int = 64) -> tuple[d
         "max_abs_err": max_abs,
         "cosine": float(ra / np.sqrt(rr * aa)) if rr and aa else 1.0,
     }
-    series = {"kl": [float(x) for x in kl], "margin": [float(x) for x in margin], "top1_match": [int(x) for x in match]}
+    series = {"kl": [float(x) for x in kl], "margin": [float(x) for x in margin], "top1_match": [int(x) for x in match],
+              "logit_err": [float(x) for x in err]}
     return summary, series

@@ -376,6 +376,20 @@ def verdict_line(report: dict) -> str:
     return line
 
 
+def _verdict_text(v: dict) -> str:
+    """'conversion pass; quality: KL 0.057 vs fp32 (1.02x what its types cost), top-1 87.4%, not judged (no budget)'."""
+    q = _dict(v.get("quality"))
+    out = f"conversion {_st(v.get('conversion'))}"
+    if q:
+        out += f"; quality: KL {_num(q.get('kl_mean'))} vs fp32"
+        if _f(q.get("excess")) is not None:
+            out += f" ({float(q['excess']):.2f}x what its types cost)"
+        out += f", top-1 {_pct(q.get('top1_agreement'))}, {q.get('status', '-')}"
+        if _f(q.get("budget_kl_mean")) is not None:
+            out += f" {_num(q['budget_kl_mean'])}"
+    return out
+
+
 def summary_text(report: dict) -> str:
     """Console summary for CI logs: header, artifact table, scenario table, failures, notes, verdict line."""
     report = _dict(report)
@@ -420,6 +434,11 @@ def summary_text(report: dict) -> str:
                         rows, right={3, 4, 5, 6, 7, 8, 9}, shrink=[0])
         lines.append("  (ratios are artifact / F16: size; prefill, decode tok/s (>1 faster); img enc s (<1 faster);"
                      " RSS: peak/budget)")
+        verdicts = [(a, _dict(a.get("verdict"))) for a in arts if _dict(a.get("verdict"))]
+        if verdicts:
+            lines.append("")
+            for a, v in verdicts:
+                lines += _wrap(f"{a.get('name', '?')}: {_verdict_text(v)}", "  ", "      ")
 
     srows = []
     for ai, a, name, sc, st in _rows(report):

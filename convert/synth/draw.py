@@ -6,9 +6,10 @@ ratios, full-attention intervals, Gated DeltaNet head counts and ratios, vision 
 insert layers, fp32 or bf16, sharded or not. What a size may be is only what the architecture and
 llama.cpp require (ModelSpec rejects the rest); nothing here knows the presets' numbers.
 
-`plain_folder(dir)` turns a built checkpoint into what a bare `save_pretrained` of the model and
-tokenizer writes: no processor_config.json and no chat_template.jinja (the template only in
-tokenizer_config.json), so the processor has no chat template of its own.
+`plain_folder(dir)` turns a built checkpoint into what bare `save_pretrained` calls of the model,
+the image processor and the tokenizer write: preprocessor_config.json only (no processor or video
+processor config) and the chat template only in tokenizer_config.json, so the processor has no
+chat template of its own.
 """
 
 from __future__ import annotations
@@ -70,9 +71,8 @@ def describe(p: Preset) -> str:
 
 
 def plain_folder(path: str | Path) -> None:
-    """Make a built checkpoint look like a bare `save_pretrained` of model + tokenizer + image
-    processor: no processor_config.json, no chat_template.jinja; the chat template stays in
-    tokenizer_config.json only."""
+    """Make a built checkpoint look like bare `save_pretrained` calls of model, image processor and
+    tokenizer (see the module docstring)."""
     path = Path(path)
     tc = path / "tokenizer_config.json"
     cfg = json.loads(tc.read_text(encoding="utf-8"))
@@ -80,5 +80,5 @@ def plain_folder(path: str | Path) -> None:
     if "chat_template" not in cfg and tpl.is_file():
         cfg["chat_template"] = tpl.read_text(encoding="utf-8")
         tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in ("processor_config.json", "chat_template.jinja", "chat_template.json"):
+    for name in ("processor_config.json", "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json"):
         (path / name).unlink(missing_ok=True)
