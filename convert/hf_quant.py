@@ -422,11 +422,12 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConvertError(f"cannot write {out_dir}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():  # stopped between the two renames: put the earlier output back
+            os.replace(old, out_dir)
+        if isinstance(e, OSError):
+            raise ConvertError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
     if not quiet:

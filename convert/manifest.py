@@ -65,10 +65,19 @@ def write(folder: Path, source: dict, artifacts: list[dict]) -> Path:
 def write_doc(folder: Path, doc: dict) -> Path:
     """Write a manifest document atomically (temporary name, then rename)."""
     p = Path(folder) / MANIFEST
-    tmp = p.with_name(f".{MANIFEST}.partial")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    write_text_atomic(p, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return p
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename; the temporary file goes on any failure or interrupt."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def artifact_entry(path: Path, **fields) -> dict:

@@ -225,12 +225,17 @@ def write_imatrix_gguf(path: str | os.PathLike, data: ImatrixData) -> Path:
         w.write_tensors_to_file(progress=False)
         w.close()
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
-            tmp.unlink()
+            if w.fout is not None:
+                for f in w.fout:
+                    f.close()
+            tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise ConvertError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise ConvertError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     return path
 
 

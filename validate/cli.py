@@ -21,11 +21,9 @@ REPORT_JSON, REPORT_HTML = "validation.json", "validation.html"
 
 
 def _write_json(path: Path, report: dict) -> None:
-    import os
+    from convert.manifest import write_text_atomic
 
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
 
 def validate_and_report(ckpt, artifacts, *, scenarios: str = "default", profile=None, quiet: bool = False,

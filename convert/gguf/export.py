@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,28 +184,46 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
                            has_imatrix=imatrix is not None)
     imat, imat_keys = load_imatrix(imatrix, outputs[0].plans) if imatrix is not None else ({}, {})
     check_out_dir(out_dir, outputs, force)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # every file is staged under a temporary name and all are renamed once all are written: a
+    # failure or an interrupt halfway leaves the folder as it was (no decoder without its projector)
+    staged: list[tuple[Path, Path]] = []
     entries = []
-    for o in outputs:
-        ftype = o.quant.ftype
-        n_params = sum(p.n_params for p in o.plans)
-        if o.kind == "decoder":
-            arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35]
-
-            def meta(w, o=o, ftype=ftype, n_params=n_params):
-                metadata.general(w, ckpt, n_params, name, mmproj=False)
-                metadata.decoder(w, ckpt, ftype)
-                for k, v in imat_keys.items():
-                    (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
-        else:
-            arch = "clip"
-
-            def meta(w, o=o, ftype=ftype, n_params=n_params):
-                metadata.general(w, ckpt, n_params, name, mmproj=True)
-                metadata.mmproj(w, ckpt, ftype, o.mode)
-        write_gguf(o.path, arch, o.plans, ckpt, meta, quiet=quiet, allow_nonfinite=allow_nonfinite,
-                   desc=o.path.name, imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None))
-        entries.append(manifest.artifact_entry(o.path, kind=o.kind, format="gguf", quant=o.quant.label,
-                                               mode=o.mode, n_tensors=len(o.plans)))
-    manifest.write(out_dir, source_info(ckpt), entries)
+    try:
+        for o in outputs:
+            stage = o.path.with_name(f".{o.path.name}.staged.partial")
+            arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35] if o.kind == "decoder" else "clip"
+            write_gguf(stage, arch, o.plans, ckpt, _metadata(ckpt, o, name, imat_keys), quiet=quiet,
+                       allow_nonfinite=allow_nonfinite, desc=o.path.name,
+                       imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None))
+            staged.append((stage, o.path))
+            entries.append({**manifest.artifact_entry(stage, kind=o.kind, format="gguf", quant=o.quant.label,
+                                                      mode=o.mode, n_tensors=len(o.plans)), "file": o.path.name})
+        source = source_info(ckpt)
+        for stage, path in staged:
+            os.replace(stage, path)
+        staged = []
+        manifest.write(out_dir, source, entries)
+    except BaseException:
+        for stage, _ in staged:
+            stage.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return [o.path for o in outputs]
+
+
+def _metadata(ckpt: Checkpoint, o: Output, name: str | None, imat_keys: dict):
+    """The writer's callback adding the file's keys."""
+    n_params = sum(p.n_params for p in o.plans)
+
+    def meta(w):
+        metadata.general(w, ckpt, n_params, name, mmproj=o.kind == "mmproj")
+        if o.kind == "decoder":
+            metadata.decoder(w, ckpt, o.quant.ftype)
+            for k, v in imat_keys.items():
+                (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
+        else:
+            metadata.mmproj(w, ckpt, o.quant.ftype, o.mode)
+    return meta
