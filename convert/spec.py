@@ -121,12 +121,62 @@ class ModelSpec:
         return _parse(config)
 
 
+# A sanity bound, not a model's size: a corrupt layer count would otherwise build a list that long.
+MAX_LAYERS = 1 << 12
+
+
 def _get(d: dict, key: str, where: str, default: Any = ...) -> Any:
     if key in d and d[key] is not None:
         return d[key]
     if default is ...:
         raise ConvertError(f"config.json: {where} has no '{key}'")
     return default
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _int(d: dict, key: str, where: str, default: Any = ..., *, lo: int = 1, hi: int | None = None) -> int:
+    """An integer field (bool is not one), at least `lo` (and at most `hi`)."""
+    v = _get(d, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConvertError(f"config.json: {_name(where, key)} is {v!r}, not an integer")
+    if v < lo or (hi is not None and v > hi):
+        bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConvertError(f"config.json: {_name(where, key)} is {v}; it must be {bound}")
+    return v
+
+
+def _float(d: dict, key: str, where: str, default: float, *, hi: float | None = None) -> float:
+    """A positive finite number (at most `hi`)."""
+    import math
+
+    v = _get(d, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or (hi is not None and v > hi):
+        raise ConvertError(f"config.json: {_name(where, key)} is {v!r}, not a positive number"
+                           f"{f' up to {hi}' if hi is not None else ''}")
+    return float(v)
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConvertError(f"config.json: {name} is {v!r}, not true or false")
+    return v
+
+
+def _ints(v: Any, name: str, n: int | None = None, lo: int = 0) -> tuple[int, ...]:
+    """A list of integers (of length n)."""
+    if (not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < lo for x in v)
+            or (n is not None and len(v) != n)):
+        raise ConvertError(f"config.json: {name} is {v!r}, not a list of {n or ''}{' ' if n else ''}integers >= {lo}")
+    return tuple(v)
+
+
+def _dict(v: Any, name: str) -> dict:
+    if not isinstance(v, dict):
+        raise ConvertError(f"config.json: {name} is {v!r}, not an object")
+    return v
 
 
 def _parse(config: dict[str, Any]) -> ModelSpec:
@@ -144,11 +194,14 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
     if tc.get("model_type", "qwen3_5_text") != "qwen3_5_text":
         raise ConvertError(f"config.json: text_config.model_type {tc.get('model_type')!r} is not 'qwen3_5_text'")
 
-    n_layers = int(_get(tc, "num_hidden_layers", "text_config"))
-    interval = int(tc.get("full_attention_interval") or 4)
+    T = "text_config"
+    n_layers = _int(tc, "num_hidden_layers", T, hi=MAX_LAYERS)
+    interval = _int(tc, "full_attention_interval", T, 4)
     layer_types = tc.get("layer_types")
     if layer_types is None:
         layer_types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(n_layers)]
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise ConvertError(f"config.json: text_config.layer_types is not a list of layer type names")
     layer_types = tuple(layer_types)
     if len(layer_types) != n_layers:
         raise ConvertError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers is {n_layers}")
@@ -156,23 +209,26 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
     if bad:
         raise ConvertError(f"config.json: unsupported layer type(s) {bad}")
 
-    rope = tc.get("rope_parameters") or {}
+    rope = _dict(tc.get("rope_parameters") or {}, "text_config.rope_parameters")
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         raise ConvertError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
-    mrope = tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)
-    head_dim = int(tc.get("head_dim") or int(_get(tc, "hidden_size", "text_config")) // int(_get(tc, "num_attention_heads", "text_config")))
+    mrope = _ints(rope.get("mrope_section") or DEFAULT_MROPE_SECTION, "text_config.rope_parameters.mrope_section")
+    hidden = _int(tc, "hidden_size", T)
+    n_heads = _int(tc, "num_attention_heads", T)
+    head_dim = _int(tc, "head_dim", T, hidden // n_heads)
     if sum(mrope) > head_dim:
         # llama.cpp aborts the process (not an error) on such a file
         raise ConvertError(f"config.json: rope mrope_section {list(mrope)} sums to more than head_dim {head_dim}")
-    hidden = int(_get(tc, "hidden_size", "text_config"))
-    n_heads = int(_get(tc, "num_attention_heads", "text_config"))
-    k_heads = int(_get(tc, "linear_num_key_heads", "text_config"))
-    v_heads = int(_get(tc, "linear_num_value_heads", "text_config"))
+    n_kv = _int(tc, "num_key_value_heads", T, n_heads)
+    if n_heads % n_kv:
+        raise ConvertError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    k_heads = _int(tc, "linear_num_key_heads", T)
+    v_heads = _int(tc, "linear_num_value_heads", T)
     if v_heads % k_heads:
         raise ConvertError(f"config.json: linear_num_value_heads {v_heads} is not a multiple of linear_num_key_heads {k_heads}")
-    kdim = int(_get(tc, "linear_key_head_dim", "text_config"))
-    vdim = int(_get(tc, "linear_value_head_dim", "text_config"))
+    kdim = _int(tc, "linear_key_head_dim", T)
+    vdim = _int(tc, "linear_value_head_dim", T)
     if kdim != vdim:
         # llama.cpp's qwen35 graph assumes one head size for the recurrent state.
         raise ConvertError(f"config.json: linear_key_head_dim {kdim} != linear_value_head_dim {vdim} is not supported by llama.cpp")
@@ -181,27 +237,28 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
     if tc.get("attn_output_gate", True) is not True:
         raise ConvertError("config.json: attn_output_gate=false is not supported (llama.cpp's qwen35 expects the gate)")
 
-    tie = bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
+    tie = _bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)), "tie_word_embeddings")
     text = TextSpec(
-        vocab_size=int(_get(tc, "vocab_size", "text_config")),
+        vocab_size=_int(tc, "vocab_size", T),
         hidden_size=hidden,
-        intermediate_size=int(_get(tc, "intermediate_size", "text_config")),
+        intermediate_size=_int(tc, "intermediate_size", T),
         num_layers=n_layers,
         layer_types=layer_types,
         full_attention_interval=interval,
         num_heads=n_heads,
-        num_kv_heads=int(tc.get("num_key_value_heads") or n_heads),
+        num_kv_heads=n_kv,
         head_dim=head_dim,
         attn_output_gate=True,
-        conv_kernel=int(_get(tc, "linear_conv_kernel_dim", "text_config")),
+        conv_kernel=_int(tc, "linear_conv_kernel_dim", T),
         linear_key_head_dim=kdim,
         linear_value_head_dim=vdim,
         linear_num_key_heads=k_heads,
         linear_num_value_heads=v_heads,
-        max_position_embeddings=int(tc.get("max_position_embeddings") or 262144),
-        rms_norm_eps=float(tc.get("rms_norm_eps") or 1e-6),
-        rope_theta=float(rope.get("rope_theta", tc.get("rope_theta", 10000.0))),
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", tc.get("partial_rotary_factor", 0.25))),
+        max_position_embeddings=_int(tc, "max_position_embeddings", T, 262144),
+        rms_norm_eps=_float(tc, "rms_norm_eps", T, 1e-6),
+        rope_theta=_float(rope, "rope_theta", "text_config.rope_parameters", _float(tc, "rope_theta", T, 10000.0)),
+        partial_rotary_factor=_float(rope, "partial_rotary_factor", "text_config.rope_parameters",
+                                     _float(tc, "partial_rotary_factor", T, 0.25, hi=1.0), hi=1.0),
         mrope_section=mrope,
         tie_word_embeddings=tie,
         eos_token_id=tc.get("eos_token_id"),
@@ -209,38 +266,39 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
         bos_token_id=tc.get("bos_token_id"),
     )
 
+    V = "vision_config"
     ps = vc.get("patch_size", 14)
     im = vc.get("image_size", 980)
     if isinstance(ps, (list, tuple)) or isinstance(im, (list, tuple)):
         raise ConvertError("config.json: non-square vision patch_size/image_size is not supported")
-    wk = tuple(vc.get("window_kernel_size") or (2, 2))
+    wk = _ints(vc.get("window_kernel_size") or (2, 2), "vision_config.window_kernel_size")
     if wk != (2, 2):
         raise ConvertError(f"config.json: window_kernel_size {list(wk)} is not supported (llama.cpp's mtmd uses 2x2)")
     act = vc.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise ConvertError(f"config.json: vision hidden_act {act!r} is not supported (only 'gelu_pytorch_tanh')")
-    insert = int(config.get("insert_layer_id", vc.get("insert_layer_id", 6)))
-    v_layers = int(_get(vc, "num_hidden_layers", "vision_config"))
+    insert = _int(config, "insert_layer_id", "", _int(vc, "insert_layer_id", V, 6, lo=0), lo=0)
+    v_layers = _int(vc, "num_hidden_layers", V, hi=MAX_LAYERS)
     if not 0 <= insert < v_layers:
         raise ConvertError(f"config.json: insert_layer_id {insert} is outside the {v_layers} vision layers")
     vision = VisionSpec(
-        hidden_size=int(_get(vc, "hidden_size", "vision_config")),
-        intermediate_size=int(_get(vc, "intermediate_size", "vision_config")),
+        hidden_size=_int(vc, "hidden_size", V),
+        intermediate_size=_int(vc, "intermediate_size", V),
         num_layers=v_layers,
-        num_heads=int(_get(vc, "num_attention_heads", "vision_config")),
-        num_channels=int(vc.get("num_channels", 3)),
-        image_size=int(im),
-        patch_size=int(ps),
-        layer_norm_eps=float(vc.get("layer_norm_eps", 1e-6)),
+        num_heads=_int(vc, "num_attention_heads", V),
+        num_channels=_int(vc, "num_channels", V, 3),
+        image_size=_int(vc, "image_size", V, 980),
+        patch_size=_int(vc, "patch_size", V, 14),
+        layer_norm_eps=_float(vc, "layer_norm_eps", V, 1e-6),
         hidden_act=act,
         insert_layer_id=insert,
         window_kernel_size=wk,  # type: ignore[arg-type]
     )
 
-    merger_times = int(config.get("merger_times", 1))
+    merger_times = _int(config, "merger_times", "", 1)
     if merger_times != 1:
         raise ConvertError(f"config.json: merger_times={merger_times} is not supported (llama.cpp's mtmd has one merger MLP)")
-    mk = tuple(config.get("merge_kernel_size") or (2, 2))
+    mk = _ints(config.get("merge_kernel_size") or (2, 2), "merge_kernel_size")
     if mk != (2, 2):
         raise ConvertError(f"config.json: merge_kernel_size {list(mk)} is not supported (llama.cpp's mtmd uses 2x2)")
     if config.get("drop_vision_last_layer", False):
@@ -258,6 +316,6 @@ def _parse(config: dict[str, Any]) -> ModelSpec:
         merger_times=merger_times,
         drop_vision_last_layer=False,
         tie_word_embeddings=tie,
-        mtp_num_layers=int(tc.get("mtp_num_hidden_layers") or 0),
+        mtp_num_layers=_int(tc, "mtp_num_hidden_layers", T, 0, lo=0),
         raw=config,
     )
