@@ -89,7 +89,7 @@ class GPTQ:
                     self.damp_used = d
                     return U
             d += DAMP_STEP
-            if d > DAMP_MAX + 1e-9:
+            if not d <= DAMP_MAX + 1e-9:  # NaN-safe: a NaN damp would retry forever
                 raise ConvertError(f"GPTQ: the Hessian of {self.name} is not positive definite even with "
                                    f"dampening {DAMP_MAX} (degenerate calibration activations?)")
 

@@ -48,7 +48,7 @@ from convert.spec import FULL, LINEAR
 
 from . import awq as awq_mod
 from .awq import FoldGroup
-from .gptq import GPTQ
+from .gptq import DAMP_MAX, GPTQ
 from .qweight import QuantizedWeight, Scheme
 from .rtn import check_scheme, group_size_for, rtn
 
@@ -658,6 +658,8 @@ def quantize_model(ckpt: "Checkpoint", method: str, scheme: Scheme, samples: Seq
     check_scheme(scheme)
     if method != "gptq" and (scheme.act_order or scheme.static_groups):
         raise ConvertError(f"act-order and static groups are GPTQ options, not {method.upper()}'s")
+    if method == "gptq" and not 0 <= damp < DAMP_MAX:  # NaN too: the retry loop would never reach DAMP_MAX
+        raise ConvertError(f"--damp {damp}: the GPTQ dampening fraction must be at least 0 and below {DAMP_MAX}")
     spec = ckpt.spec
     t0 = time.perf_counter()
     own = model is None
