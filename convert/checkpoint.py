@@ -213,7 +213,10 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            # some tokenizer_config.json values only break on use (a non-numeric model_max_length)
+            tok.decode(tok.encode("MiniCPM-V 4.6 <|im_end|>"))
+            return tok
         except Exception as e:  # transformers raises many types here
             raise ConvertError(f"{self.path}: cannot load the tokenizer ({e.__class__.__name__}: {str(e)[:200]})") from None
 
