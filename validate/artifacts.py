@@ -132,6 +132,11 @@ class Artifact:
                        "details": meta})
         return checks
 
+    def fake_quant_key(self, imatrix=None) -> tuple:
+        """What the fake-quant reference depends on: every tensor's type and the importance matrix."""
+        types = tuple(sorted((n, t[1]) for i in [self.decoder, *self.mmproj.values()] for n, t in i.tensors.items()))
+        return ("gguf", self.label, types, str(imatrix), self.decoder.kv.get("quantize.imatrix.file"))
+
     def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
         """The source quantized with this artifact's tensor types (None for F32: the fp32 reference is it)."""
         if self.label == "F32":
@@ -297,6 +302,9 @@ class HFArtifact:
         checks = [manifest_check_folder(self.folder, self.files)]
         checks.append(check_hf_quantized(ckpt, self.folder, quiet=quiet))
         return checks
+
+    def fake_quant_key(self, imatrix=None) -> tuple:
+        return ("hf", str(self.folder))
 
     def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
         from .references import Reference

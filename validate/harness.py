@@ -64,9 +64,10 @@ def _progress(quiet: bool, total: int, desc: str):
 class Harness:
     def __init__(self, ckpt: Checkpoint, profile: Profile | None = None, *, quiet: bool = False,
                  imatrix: str | Path | None = None, fake_quant: bool = True, env: dict | None = None,
-                 max_kl: float | None = None):
+                 max_kl: float | None = None, speed: bool = True):
         self.ckpt = ckpt
         self.max_kl = max_kl
+        self.speed = speed  # measure tokens/s and image-encode time (off: verdicts only)
         self.env = env  # extra environment for the runtime processes
         self.profile = profile or Profile()
         self.quiet = quiet
@@ -80,6 +81,8 @@ class Harness:
         if quiet:
             hf_logging.disable_progress_bar()
         self._fp32: Reference | None = None
+        self._fq: Reference | None = None
+        self._fq_key = None
         self._images: dict[tuple, Path] = {}
         self._ref_cache: dict[tuple, tuple[list[int], np.ndarray]] = {}
 
@@ -90,6 +93,19 @@ class Harness:
         if self._fp32 is None:
             self._fp32 = Reference.fp32(self.ckpt, threads=self.profile.threads)
         return self._fp32
+
+    def _fake_quant(self, art) -> Reference | None:
+        """The artifact's fake-quant reference. It depends only on the tensor types (and imatrix),
+        so artifacts that share them share one; only one is held at a time (a full-size one is
+        5 GB), and it is built after the previous one is released."""
+        key = art.fake_quant_key(self.imatrix)
+        if key != self._fq_key:
+            if self._fq is not None:
+                self._fq.close()
+            self._fq, self._fq_key = None, None
+            self._fq = art.fake_quant_reference(self.ckpt, threads=self.profile.threads, imatrix=self.imatrix)
+            self._fq_key = key
+        return self._fq
 
     def _image_file(self, spec: dict) -> Path:
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
@@ -109,8 +125,7 @@ class Harness:
                      "projector_quant": {m: i.type_label for m, i in art.mmproj.items()},
                      "size_bytes": art.size_bytes, "status": "pass", "error": None,
                      "checks": art.static_checks(self.ckpt, imatrix=self.imatrix, quiet=self.quiet), "scenarios": []}
-        fq = art.fake_quant_reference(self.ckpt, threads=self.profile.threads, imatrix=self.imatrix) \
-            if self.fake_quant else None
+        fq = self._fake_quant(art) if self.fake_quant else None
         deadline = time.monotonic() + self.profile.timeout_s
         modes = sorted({s.mode for s in scenarios if s.needs_vision} | {"16x"}, key=lambda m: m != "16x")
         done: set[str] = set()
@@ -131,7 +146,7 @@ class Harness:
                                 row["scenarios"].append(self._scenario(proc, sc, art, mm, fq))
                                 done.add(sc.name)
                                 bar.update(1)
-                            if not speed:
+                            if not speed and self.speed:
                                 speed = self._speed(proc, scenarios, mm)
                         finally:
                             peak = max(peak, proc.peak_rss_mb)
@@ -146,8 +161,6 @@ class Harness:
                     break
         finally:
             bar.close()
-            if fq is not None:
-                fq.close()
         row["peak_rss_mb"] = round(peak, 1)
         row["wall_s"] = round(time.monotonic() - t0, 2)
         row["speed"] = speed
@@ -344,8 +357,9 @@ class Harness:
     def close(self) -> None:
         import shutil
 
-        if self._fp32 is not None:
-            self._fp32.close()
+        for ref in (self._fp32, self._fq):
+            if ref is not None:
+                ref.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -386,7 +400,7 @@ def _anchor_artifact(h: Harness, artifacts: list[Artifact], scenarios: list[Scen
 def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[Scenario], *,
                    profile: Profile | None = None, scenario_set: str = "default", quiet: bool = False,
                    imatrix: str | Path | None = None, speed_anchor: bool = True, env: dict | None = None,
-                   max_kl: float | None = None) -> dict:
+                   max_kl: float | None = None, speed: bool = True) -> dict:
     """Validate every artifact; the report dict (JSON-ready) with overall status and exit code."""
     for a in artifacts:
         check_same_model(ckpt, a)  # bad input before any work
@@ -394,7 +408,7 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
         names = ", ".join(s.name for s in scenarios if s.needs_vision)
         raise ConvertError(f"the scenarios {names} need a projector: pass --mmproj FILE (or choose --scenarios text)")
     t0 = time.monotonic()
-    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env, max_kl=max_kl)
+    h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env, max_kl=max_kl, speed=speed)
     try:
         f16 = [a for a in artifacts if a.label == "F16"]
         order = f16[:1] + [a for a in artifacts if a not in f16[:1]]
