@@ -768,6 +768,8 @@ def _artifact_html(report: dict, ai: int, a: dict, names: list[str]) -> str:
         pairs.append(("files", _files_html(a["files"])))
     if a.get("quant"):
         pairs.append(("quant", _e(a["quant"])))
+    if _dict(a.get("verdict")):
+        pairs.append(("verdict", _e(_verdict_text(_dict(a["verdict"])))))
     if a.get("size_bytes") is not None or a.get("size_ratio_f16") is not None:
         s = _e(_size(a.get("size_bytes")))
         if _f(a.get("size_bytes")) is not None:
