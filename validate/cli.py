@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from convert.cli import open_model, run
@@ -57,11 +58,15 @@ def cmd_validate(args) -> int:
         raise ConvertError("--mmproj goes with --decoder (a folder's projectors are found by themselves)")
     for flag, v in (("--threads", args.threads), ("--ctx", args.ctx), ("--memory-budget", args.memory_budget),
                     ("--timeout", args.timeout), ("--max-kl", args.max_kl)):
-        if v is not None and v <= 0:
-            raise ConvertError(f"{flag} {v}: must be positive")
+        if v is not None and not 0 < v < math.inf:  # NaN and inf too: a deadline select() cannot take
+            raise ConvertError(f"{flag} {v}: must be a positive finite number")
     from .scenarios import load_scenarios
 
     load_scenarios(args.scenarios)  # an unknown set fails before anything loads
+    from runtimes.base import RUNTIMES
+
+    if args.runtime not in RUNTIMES and ":" not in args.runtime:
+        raise ConvertError(f"--runtime {args.runtime!r}: unknown; choose one of {', '.join(RUNTIMES)} or MODULE:CLASS")
     artifacts = discover(args.artifacts, args.decoder, args.mmproj)
     ckpt = open_model(args)
     profile = Profile(runtime=args.runtime)
