@@ -30,6 +30,15 @@ def open_model(args) -> "Checkpoint":  # noqa: F821
     return open_checkpoint(args.model, awq_source=getattr(args, "awq_source", None))
 
 
+def check_validation_args(args) -> None:
+    """Options of the validation that follows a write, checked before writing (an unknown
+    --scenarios used to fail after the files were written). Shared by the CLIs."""
+    if not args.no_validate and not getattr(args, "dry_run", False):
+        from validate.scenarios import load_scenarios
+
+        load_scenarios(args.scenarios)
+
+
 def cmd_synth(args) -> int:
     from .synth.build import build_synthetic
 
@@ -79,6 +88,7 @@ def cmd_gguf(args) -> int:
     if args.max_kl is not None and not args.max_kl > 0:
         raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
     overrides = _overrides(args)
+    check_validation_args(args)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / ckpt.name
     if args.dry_run:

@@ -19,7 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from convert.cli import open_model
+from convert.cli import check_validation_args, open_model
 from convert.errors import ConvertError
 
 
@@ -94,6 +94,7 @@ def cmd_gptq_awq(args) -> int:
     from convert.hf_quant import write_quantized_checkpoint
 
     scheme, fmt = _scheme_and_format(args)
+    check_validation_args(args)
     if args.threads is not None and args.threads < 0:
         raise ConvertError(f"--threads {args.threads}: must be 0 (torch's default) or more")
     t0 = time.perf_counter()
