@@ -149,3 +149,20 @@ def test_mixture_with_imatrix_bit_identical(tmp_path, shape, imatrix_file, quant
     weighted = {p.qtype for p in plan_outputs(c, tmp_path, quant)[0].plans} - {T.F32, T.F16, T.Q8_0}
     # the imatrix changes every type that uses it (Q8_0 ignores it: tiny-alt's Q6_K all falls back to Q8_0)
     assert bool(diff(ours, plain).tensors_bytes_differ) == bool(weighted)
+
+
+def test_one_value_head_weights_stay_as_they_came(tmp_path):
+    """A Gated DeltaNet with one value head has [1, hidden] ssm_alpha / ssm_beta: ggml_n_dims is 1,
+    so llama-quantize leaves them unquantized (F32 from an F32 file). A drawn shape the presets lack."""
+    from convert.synth.build import build_synthetic
+    from convert.synth.draw import draw_preset
+
+    p = draw_preset(103)
+    assert p.text["linear_num_value_heads"] == 1
+    build_synthetic(p, tmp_path / "m", seed=0, report=False, quiet=True)
+    c = Checkpoint(tmp_path / "m")
+    f32 = export_gguf(c, tmp_path / "f32", quant="f32", quiet=True)[0]
+    ours = _same(tmp_path, c, f32, "Q4_K_M")
+    from gguf import GGUFReader
+
+    assert {t.tensor_type.name for t in GGUFReader(ours).tensors if ".ssm_alpha." in t.name} == {"F32"}

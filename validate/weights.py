@@ -36,7 +36,7 @@ from convert.gguf.export import FLOATS, Quant, load_imatrix, quantized_plan
 from convert.gguf.plan import TensorPlan, build_plan, float_type_rule
 from convert.gguf.writer import source_chunks
 from quantize import ggml
-from quantize.mixtures import FALLBACK, MIXTURES
+from quantize.mixtures import FALLBACK, MIXTURES, allows_quantization
 
 from .gguf_diff import read_kv
 
@@ -234,6 +234,8 @@ class _TensorJudge:
 
     def art_rows(self, r0: int, r1: int) -> np.ndarray:
         data = self.t.data
+        if data.ndim != len(self.shape):  # stored with its trailing ggml dims of 1 dropped
+            data = data.reshape(*self.shape[:-1], -1)
         if len(self.shape) < 2:
             return ggml.decode(data, self.qt, self.shape)
         return ggml.decode(data[r0:r1], self.qt, (r1 - r0, *self.shape[1:]))
@@ -276,6 +278,15 @@ class _TensorJudge:
         if s.rel <= max(self.factor * s.q_rel, LOOKS_LIKE_TOL):
             return "close", s
         return None
+
+
+def _ne(shape) -> tuple[int, ...]:
+    """A shape as ggml sees it: trailing ggml dims (leading numpy dims) of 1 do not count.
+    llama-quantize writes a [320, 1] tensor back as 1-D [320]; llama.cpp loads either."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _ggml_shape(shape) -> str:
@@ -357,12 +368,16 @@ def check_tensors(ckpt: Checkpoint, gguf_path, *, imatrix=None, progress: bool =
             fail(t.name, qt.name, "unexpected tensor (this checkpoint's export has no such tensor)")
             continue
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if shape != tuple(p.shape):
+        if _ne(shape) != _ne(p.shape):
             fail(t.name, qt.name, f"shape {_ggml_shape(shape)}, expected {_ggml_shape(p.shape)}")
             continue
         problems = []
         if expect_types and types_known:
-            if qt != p.qtype:
+            # llama-quantize keeps a tensor it does not quantize in its input's type: F32 from this
+            # project's F32 file, F16 / BF16 from a converter's F16 / BF16 file
+            kept = (p.qtype == T.F32 and qt in (T.F16, T.BF16) and not allows_quantization(p.name, p.shape)
+                    and float_type_rule(p.name, p.shape, T.F16, kind=kind) != T.F32)
+            if qt != p.qtype and not kept:
                 problems.append(f"type {qt.name}, expected {p.qtype.name}")
         elif qt != T.F32 and float_type_rule(p.name, p.shape, T.F16, kind=kind) == T.F32:
             problems.append(f"type {qt.name}, expected F32 (llama.cpp keeps this tensor in F32)")

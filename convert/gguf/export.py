@@ -71,7 +71,7 @@ def quantized_plan(plans: list[TensorPlan], quant: Quant, n_layer: int, *, n_gqa
     """Apply a mixture to a plan built for F32 (the types llama-quantize would pick for that file)."""
     ch = TypeChooser(quant.mixture, [p.name for p in plans], n_layer, n_gqa=n_gqa, has_imatrix=has_imatrix,
                      overrides=overrides)
-    out = [dataclasses.replace(p, qtype=ch.choose(p.name, p.shape, p.qtype)) for p in plans]
+    out = [dataclasses.replace(p, qtype=ch.choose(p.name, p.shape, p.qtype), squeeze=True) for p in plans]
     for p in out:  # only an explicit override can get here; llama.cpp aborts on such a file
         if not fits(p.qtype, p.shape[-1]):
             raise ConvertError(f"{p.name}: rows of {p.shape[-1]} values cannot be stored as {p.qtype.name} "

@@ -34,6 +34,9 @@ class TensorPlan:
     shape: tuple[int, ...]  # numpy order, after transforms
     qtype: T
     bid: int | None = None
+    # written with ggml_n_dims dimensions (trailing ggml dims of 1 dropped), as llama-quantize
+    # writes every tensor; llama.cpp's converter keeps them
+    squeeze: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -96,7 +96,10 @@ def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
 def ggml_byte_shape(p: TensorPlan) -> tuple[int, ...]:
     """The numpy shape of the tensor's bytes (last dim in bytes), as GGUFWriter expects for raw data."""
     bs, ts = gguf.GGML_QUANT_SIZES[p.qtype]
-    return (*p.shape[:-1], p.shape[-1] // bs * ts)
+    shape = p.shape
+    while p.squeeze and len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return (*shape[:-1], shape[-1] // bs * ts)
 
 
 def _cleanup(w: gguf.GGUFWriter, tmp: Path) -> None:
