@@ -124,6 +124,19 @@ class Overrides:
     token_embedding_type: T | None = None
     tensor_types: list[tuple[re.Pattern, T]] = field(default_factory=list)  # first match wins
 
+    def describe(self) -> dict:
+        """The overrides given, as llama-quantize's flags name them (for manifests); {} if none."""
+        out: dict = {}
+        if self.pure:
+            out["pure"] = True
+        if self.output_type is not None:
+            out["output_tensor_type"] = self.output_type.name
+        if self.token_embedding_type is not None:
+            out["token_embedding_type"] = self.token_embedding_type.name
+        if self.tensor_types:
+            out["tensor_type"] = [f"{rx.pattern}={t.name}" for rx, t in self.tensor_types]
+        return out
+
 
 class TypeChooser:
     """Stateful per-tensor type choice; call `choose` once per tensor, in file order."""

@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import json
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -194,3 +196,23 @@ def test_fake_quant_reference(tiny_gguf, tiny_ckpt, reference):
     assert np.array_equal(reference.logits(tokens), fp32)  # restored
     assert logits_agreement(fp32, fq)["kl_mean"] > 0
     assert Counter(v.dtype for v in sd.values()) == Counter({sd[L + "embed_tokens.weight"].dtype: len(sd)})
+
+
+def test_override_types_recorded_in_the_manifest_pass(tmp_path, tiny_ckpt):
+    """`convert gguf --tensor-type` writes types the mixture's rules do not give; the manifest says
+    so, and the static checks then hold each tensor to its own type (without it: a type failure)."""
+    import re
+
+    from convert.gguf.export import export_gguf
+    from quantize.mixtures import Overrides
+    from validate.artifacts import discover
+
+    ov = Overrides(tensor_types=[(re.compile("ffn_down"), T.Q8_0)])
+    export_gguf(tiny_ckpt, tmp_path, quant="Q4_K_M", overrides=ov, quiet=True)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["artifacts"][0]["overrides"] == {"tensor_type": ["ffn_down=Q8_0"]}
+    checks = {c["check"]: c for c in discover(tmp_path)[0].static_checks(tiny_ckpt)}
+    assert checks["tensors"]["status"] == "pass", checks["tensors"]["message"]
+    (tmp_path / "manifest.json").unlink()
+    checks = {c["check"]: c for c in discover(tmp_path)[0].static_checks(tiny_ckpt)}
+    assert checks["tensors"]["status"] == "fail" and "type Q8_0, expected" in checks["tensors"]["message"]

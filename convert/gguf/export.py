@@ -198,8 +198,10 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
                        allow_nonfinite=allow_nonfinite, desc=o.path.name,
                        imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None))
             staged.append((stage, o.path))
+            extra = {"overrides": overrides.describe()} if overrides and overrides.describe() and o.kind == "decoder" else {}
             entries.append({**manifest.artifact_entry(stage, kind=o.kind, format="gguf", quant=o.quant.label,
-                                                      mode=o.mode, n_tensors=len(o.plans)), "file": o.path.name})
+                                                      mode=o.mode, n_tensors=len(o.plans), **extra),
+                            "file": o.path.name})
         source = source_info(ckpt)
         for stage, path in staged:
             os.replace(stage, path)
