@@ -1,8 +1,7 @@
 """Static validation of GGUF artifacts (validate.weights): good files pass, planted faults are named."""
 
-from collections import Counter
-
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
