@@ -43,11 +43,14 @@ class ReferenceRuntime(Runtime):
         if n_threads:
             torch.set_num_threads(n_threads)
         self.torch = torch
-        if getattr(self.ckpt, "dense_view", False) and self.reads_dense_view:
-            self.model = self._from_dense_view(dtype)
-        else:
-            self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
-                self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
+        try:
+            if getattr(self.ckpt, "dense_view", False) and self.reads_dense_view:
+                self.model = self._from_dense_view(dtype)
+            else:
+                self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
+                    self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
+        except Exception as e:  # transformers raises many types on a config it cannot build (a null it reads)
+            raise ConvertError(f"{self.ckpt.path}: cannot load the model ({e.__class__.__name__}: {str(e)[:200]})") from None
         self.tokenizer = self.ckpt.tokenizer
         self.mode = mode  # token mode of image_layout / prefill images
         self.n_vocab = int(self.model.config.text_config.vocab_size)
