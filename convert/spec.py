@@ -123,6 +123,8 @@ class ModelSpec:
 
 # A sanity bound, not a model's size: a corrupt layer count would otherwise build a list that long.
 MAX_LAYERS = 1 << 12
+# GGUF stores these numbers as uint32 and float32
+UINT32_MAX, FLOAT32_MAX = (1 << 32) - 1, 3.4028234663852886e38
 
 
 def _get(d: dict, key: str, where: str, default: Any = ...) -> Any:
@@ -137,25 +139,21 @@ def _name(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _int(d: dict, key: str, where: str, default: Any = ..., *, lo: int = 1, hi: int | None = None) -> int:
-    """An integer field (bool is not one), at least `lo` (and at most `hi`)."""
+def _int(d: dict, key: str, where: str, default: Any = ..., *, lo: int = 1, hi: int = UINT32_MAX) -> int:
+    """An integer field (bool is not one) between `lo` and `hi`."""
     v = _get(d, key, where, default)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConvertError(f"config.json: {_name(where, key)} is {v!r}, not an integer")
-    if v < lo or (hi is not None and v > hi):
-        bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConvertError(f"config.json: {_name(where, key)} is {v}; it must be {bound}")
+    if not lo <= v <= hi:
+        raise ConvertError(f"config.json: {_name(where, key)} is {v}; it must be between {lo} and {hi}")
     return v
 
 
-def _float(d: dict, key: str, where: str, default: float, *, hi: float | None = None) -> float:
-    """A positive finite number (at most `hi`)."""
-    import math
-
+def _float(d: dict, key: str, where: str, default: float, *, hi: float = FLOAT32_MAX) -> float:
+    """A positive number, at most `hi`."""
     v = _get(d, key, where, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or (hi is not None and v > hi):
-        raise ConvertError(f"config.json: {_name(where, key)} is {v!r}, not a positive number"
-                           f"{f' up to {hi}' if hi is not None else ''}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi:  # NaN fails too
+        raise ConvertError(f"config.json: {_name(where, key)} is {v!r}, not a positive number up to {hi:g}")
     return float(v)
 
 
