@@ -1,5 +1,5 @@
 """Fuzzing the three CLIs (issue 11): corrupted safetensors and GGUF files, random edits of
-config.json and tokenizer_config.json, random option combinations.
+config.json, tokenizer_config.json and preprocessor_config.json, random option combinations.
 
 Every run must exit 0, 2, 3 or 4 (1 is the catch-all's "internal error": a bug), print no
 traceback, leave no temporary file in or beside its output folder, and on exit 2 add no file at
@@ -311,6 +311,11 @@ def test_fuzz_config_json(tmp_path, tiny_dir, good, capsys, fuzz_tmp):
 def test_fuzz_tokenizer_config_json(tmp_path, tiny_dir, good, capsys, fuzz_tmp):
     _corrupt_checkpoint_cases("tokenizer_config.json", tmp_path, tiny_dir, good, capsys, fuzz_tmp, _n(24),
                               lambda model, rng: mutate_json(model / "tokenizer_config.json", rng, rng.choice([1, 2])))
+
+
+def test_fuzz_preprocessor_config_json(tmp_path, tiny_dir, good, capsys, fuzz_tmp):
+    _corrupt_checkpoint_cases("preprocessor_config.json", tmp_path, tiny_dir, good, capsys, fuzz_tmp, _n(10),
+                              lambda model, rng: mutate_json(model / "preprocessor_config.json", rng, rng.choice([1, 2])))
 
 
 def test_fuzz_gguf(tmp_path, tiny_dir, good, capsys, fuzz_tmp):

@@ -91,19 +91,27 @@ def vocab(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
 def mmproj(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: F, mode: str) -> None:
     spec, v = ckpt.spec, ckpt.spec.vision
     pp = ckpt.preprocessor_config
+    res = pp.get("scale_resolution", 448)
+    if isinstance(res, bool) or not isinstance(res, int) or not 0 < res < 1 << 31:
+        raise ConvertError(f"{ckpt.path}: preprocessor_config.json: scale_resolution {res!r} is not a positive integer")
+    mean, std = pp.get("image_mean", [0.5, 0.5, 0.5]), pp.get("image_std", [0.5, 0.5, 0.5])
+    for key, x in (("image_mean", mean), ("image_std", std)):
+        if not (isinstance(x, list) and len(x) == 3 and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                            and abs(c) < 1e30 for c in x)):
+            raise ConvertError(f"{ckpt.path}: preprocessor_config.json: {key} {x!r} is not a list of 3 numbers")
     w.add_file_type(file_type)
     w.add_clip_has_vision_encoder(True)
     w.add_vision_projection_dim(spec.text.hidden_size)
     # mtmd uses image_size as the slice size: the preprocessor's scale_resolution, not the
     # vision config's 980 (which only sizes the position grid)
-    w.add_vision_image_size(int(pp.get("scale_resolution", 448)))
+    w.add_vision_image_size(res)
     w.add_vision_patch_size(v.patch_size)
     w.add_vision_embedding_length(v.hidden_size)
     w.add_vision_feed_forward_length(v.intermediate_size)
     w.add_vision_block_count(v.num_layers)
     w.add_vision_head_count(v.num_heads)
-    w.add_vision_image_mean(list(pp.get("image_mean", [0.5, 0.5, 0.5])))
-    w.add_vision_image_std(list(pp.get("image_std", [0.5, 0.5, 0.5])))
+    w.add_vision_image_mean(mean)
+    w.add_vision_image_std(std)
     w.add_clip_projector_type("minicpmv4_6")
     w.add_vision_projector_scale_factor(2 if mode == "4x" else 4)
     w.add_vision_wa_layer_indexes([v.insert_layer_id])  # carries the compressor's insertion layer
