@@ -101,7 +101,7 @@ def earlier_export(tmp_path, tiny_gguf) -> Path:
     return Path(shutil.copytree(dec.parent, tmp_path / "out"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_export_interrupted(tmp_path, tiny_dir, earlier_export, sig):
     out = earlier_export
     before = _hashes(out)
