@@ -15,7 +15,7 @@ import trust_sweep  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [101, 104])  # 104: a bare save_pretrained folder (seed % 4 == 0)
+@pytest.mark.parametrize("seed", [103, 104])  # 103: one DeltaNet value head; 104: a bare save_pretrained folder
 def test_trust_sweep(tmp_path, seed):
     res = trust_sweep.sweep_one(seed, seed, tmp_path, scenarios="quick", threads=2, upstream=True, quiet=True)
     c = trust_sweep.counts([res])

@@ -373,11 +373,12 @@ def check_tensors(ckpt: Checkpoint, gguf_path, *, imatrix=None, progress: bool =
             continue
         problems = []
         if expect_types and types_known:
-            # llama-quantize keeps a tensor it does not quantize in its input's type: F32 from this
-            # project's F32 file, F16 / BF16 from a converter's F16 / BF16 file
-            kept = (p.qtype == T.F32 and qt in (T.F16, T.BF16) and not allows_quantization(p.name, p.shape)
-                    and float_type_rule(p.name, p.shape, T.F16, kind=kind) != T.F32)
-            if qt != p.qtype and not kept:
+            # a [1, n] weight (ggml_n_dims 1): llama-quantize keeps it in its input's type (F32 from
+            # this project's F32 file, F16 / BF16 from a converter's), llama.cpp's converter
+            # quantizes it under --outtype q8_0; its type is the producer's choice, its data is checked
+            either = (p.qtype == T.F32 and not allows_quantization(p.name, p.shape) and len(p.shape) >= 2
+                      and float_type_rule(p.name, p.shape, T.F16, kind=kind) != T.F32)
+            if qt != p.qtype and not either:
                 problems.append(f"type {qt.name}, expected {p.qtype.name}")
         elif qt != T.F32 and float_type_rule(p.name, p.shape, T.F16, kind=kind) == T.F32:
             problems.append(f"type {qt.name}, expected F32 (llama.cpp keeps this tensor in F32)")
