@@ -6,15 +6,16 @@ differs only by the runtime's arithmetic (summation order, fused kernels). How f
 carries into the logits depends on the weights, and so does how far the types' rounding carries:
 both are small perturbations through the same network, so their effects on KL scale together.
 The yardstick is therefore the fake-quant reference's own KL from fp32 (what the types cost on
-these weights): KL(fake-quant || artifact) must stay below `kl_ratio` times it (mean and p99), or
-below a floor where the yardstick itself is negligible (F32 files, where fake-quant is fp32).
+these weights): KL(fake-quant || artifact) must stay below `kl_ratio` times it (one ratio for
+the mean, one for the p99), or below `kl_floor` where the yardstick itself is negligible (F32
+files, whose conversion reference is fp32 itself).
 A wrong transform, a swapped tensor or a wrong key perturbs at the scale of the weights, not of
 their rounding, and lands far above. Top-1 disagreements count only where the fake-quant
-reference's top-1 margin exceeds `decisive_margin` times the logit error the artifact shows at a
-typical position of that scenario (softmax ignores a common shift, so the error is the spread of
-the logit difference over the vocabulary): a near-tie flipped by rounding is no evidence, a
-confident prediction changed is. The raw rate is reported beside it. This question decides the
-exit code.
+reference's top-1 margin exceeds `decisive_margin` times the logit error that rounding to these
+types causes at that position (the spread over the vocabulary of the fake-quant minus fp32
+logits: softmax ignores a common shift), and never less than the artifact's median error: a
+near-tie flipped by rounding is no evidence, a confident prediction changed is. The raw rate is
+reported beside it. This question decides the exit code.
 
 Quality: how much does the quantization cost? Against fp32: KL mean / p99, top-1 agreement, and
 the cost relative to the types' own cost on these weights (KL(fp32 || artifact) over
@@ -25,7 +26,6 @@ sets (`--max-kl`, or `quality_budget` per type in the tolerances); without one i
 from __future__ import annotations
 
 import numpy as np
-
 
 QUALITY = "quality:"  # how the messages of the quality question start, after the scenario name
 
