@@ -3,6 +3,7 @@ checkpoints its rules were never tuned on?
 
     python bench/trust_sweep.py [--checkpoints 20] [--first-seed 1] [--out DIR] [--json FILE]
                                 [--scenarios quick] [--threads 2] [--no-upstream] [--quiet]
+    python bench/trust_sweep.py --summarize FILE.json [FILE.json ...]
 
 For each drawn checkpoint (convert/synth/draw.py: random widths that are and are not multiples of
 32 and 256, head ratios, attention intervals, vision depths and insert layers, fp32 / bf16,
@@ -34,6 +35,8 @@ import common  # noqa: E402,F401  (puts the project on sys.path)
 
 GOOD_OURS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+imatrix")
 GOOD_UPSTREAM = ("llama.cpp F16", "llama.cpp BF16", "llama.cpp Q8_0", "llama-quantize Q4_K_M")
+# faults the decoder's logits must show (the others show in tokens, image layout or embeddings)
+DECODER_FAULTS = ("norm", "swap", "rope-dim", "ssm-a-sign", "freq-base")
 FAULT_BASE = ("F16", "Q8_0", "Q4_K_M")  # fault k of checkpoint i is planted on FAULT_BASE[(i + k) % 3]
 
 
@@ -213,7 +216,12 @@ def counts(results: list[dict]) -> dict:
     return {"checkpoints": len(results), "correct_artifacts": len(good), "false_failures": sum(not r["correct"] for r in good),
             "faults": len(bad), "false_passes": sum(not r["correct"] for r in bad),
             "faults_caught_by_scenarios": sum("scenarios" in r["caught_by"] or any(c.startswith("runtime") for c in r["caught_by"])
-                                              for r in bad)}
+                                              for r in bad),
+            # how close to the conversion limits the correct files came, and how far past them the faults went
+            "good_worst_kl_mean_over_limit": max((r["conversion_kl_over_limit"] or 0) for r in good) if good else None,
+            "good_worst_kl_p99_over_limit": max((r["conversion_p99_over_limit"] or 0) for r in good) if good else None,
+            "faults_least_kl_mean_over_limit": min((r["conversion_kl_over_limit"] for r in bad
+                                                    if r["artifact"].split()[1] in DECODER_FAULTS), default=None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,23 +234,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-upstream", action="store_true", help="skip llama.cpp's converter and quantizer")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table of earlier --json files (runs nothing; "
+                    "a checkpoint in several files: the last one counts)")
     args = ap.parse_args(argv)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="trust-sweep-"))
     results = []
-    try:
-        for i in range(args.checkpoints):
-            results.append(sweep_one(args.first_seed + i, i, root, scenarios=args.scenarios, threads=args.threads,
-                                     upstream=not args.no_upstream, quiet=args.quiet))
-            if args.json:
-                Path(args.json).write_text(json.dumps({"counts": counts(results), "results": results}, indent=1) + "\n")
-    finally:
-        if not args.out:
-            shutil.rmtree(root, ignore_errors=True)
+    if args.summarize:
+        by_seed = {r["seed"]: r for f in args.summarize for r in json.loads(Path(f).read_text())["results"]}
+        results = [by_seed[k] for k in sorted(by_seed)]
+    else:
+        root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="trust-sweep-"))
+        try:
+            for i in range(args.checkpoints):
+                results.append(sweep_one(args.first_seed + i, i, root, scenarios=args.scenarios, threads=args.threads,
+                                         upstream=not args.no_upstream, quiet=args.quiet))
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"counts": counts(results), "results": results}, indent=1)
+                                               + "\n")
+        finally:
+            if not args.out:
+                shutil.rmtree(root, ignore_errors=True)
     print(table(results))
     c = counts(results)
     print(f"\n{c['checkpoints']} checkpoints: {c['false_failures']} false failures of {c['correct_artifacts']} correct "
           f"artifacts, {c['false_passes']} false passes of {c['faults']} planted faults "
           f"({c['faults_caught_by_scenarios']} also caught by the scenarios, not only the static checks)")
+    print(f"correct files came within {c['good_worst_kl_mean_over_limit']:.3g} (mean) and "
+          f"{c['good_worst_kl_p99_over_limit']:.3g} (p99) of the conversion limits; the decoder faults "
+          f"({', '.join(DECODER_FAULTS)}) reached at least {c['faults_least_kl_mean_over_limit'] or 0:.3g} times the mean limit")
     return 0 if c["false_failures"] == 0 and c["false_passes"] == 0 else 1
 
 
