@@ -14,6 +14,15 @@ from gguf import quants as _q
 from . import kquants as _kq
 
 FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
+
+
+def ggml_dims(shape) -> tuple[int, ...]:
+    """A numpy shape as ggml counts it (ggml_n_dims): trailing ggml dims (leading numpy dims) of 1
+    dropped. llama-quantize writes and quantizes by it; llama.cpp loads either form."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 # Types this module can write.
 SUPPORTED = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
              T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
 
+from .ggml import ggml_dims
+
 
 @dataclass(frozen=True)
 class Mixture:
@@ -100,10 +102,7 @@ def category(name: str) -> str:
 def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     """llama-quantize quantizes tensors of ggml_n_dims >= 2: trailing ggml dims of 1 (leading numpy
     ones) do not count, so a [1, n] weight (a Gated DeltaNet with one value head) stays as it came."""
-    ne = tuple(shape)
-    while len(ne) > 1 and ne[0] == 1:
-        ne = ne[1:]
-    return len(ne) >= 2 and name.endswith("weight") and not any(s in name for s in _NO_QUANT)
+    return len(ggml_dims(shape)) >= 2 and name.endswith("weight") and not any(s in name for s in _NO_QUANT)
 
 
 def fallback(qtype: T, ncols: int) -> tuple[T, bool]:

@@ -280,15 +280,6 @@ class _TensorJudge:
         return None
 
 
-def _ne(shape) -> tuple[int, ...]:
-    """A shape as ggml sees it: trailing ggml dims (leading numpy dims) of 1 do not count.
-    llama-quantize writes a [320, 1] tensor back as 1-D [320]; llama.cpp loads either."""
-    shape = tuple(shape)
-    while len(shape) > 1 and shape[0] == 1:
-        shape = shape[1:]
-    return shape
-
-
 def _ggml_shape(shape) -> str:
     return "x".join(str(d) for d in reversed(tuple(shape)))
 
@@ -368,7 +359,7 @@ def check_tensors(ckpt: Checkpoint, gguf_path, *, imatrix=None, progress: bool =
             fail(t.name, qt.name, "unexpected tensor (this checkpoint's export has no such tensor)")
             continue
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if _ne(shape) != _ne(p.shape):
+        if ggml.ggml_dims(shape) != ggml.ggml_dims(p.shape):  # llama-quantize writes [n, 1] as [n]
             fail(t.name, qt.name, f"shape {_ggml_shape(shape)}, expected {_ggml_shape(p.shape)}")
             continue
         problems = []

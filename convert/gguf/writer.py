@@ -96,9 +96,7 @@ def write_gguf(path: Path, arch: str, plans: list[TensorPlan], ckpt: Checkpoint,
 def ggml_byte_shape(p: TensorPlan) -> tuple[int, ...]:
     """The numpy shape of the tensor's bytes (last dim in bytes), as GGUFWriter expects for raw data."""
     bs, ts = gguf.GGML_QUANT_SIZES[p.qtype]
-    shape = p.shape
-    while p.squeeze and len(shape) > 1 and shape[0] == 1:
-        shape = shape[1:]
+    shape = ggml.ggml_dims(p.shape) if p.squeeze else p.shape
     return (*shape[:-1], shape[-1] // bs * ts)
 
 
