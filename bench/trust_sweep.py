@@ -119,7 +119,7 @@ def fault_artifacts(ours: dict, work: Path, index: int) -> dict[str, tuple[Path,
     return out
 
 
-def _artifact(label: str, dec: Path, mm: Path):
+def _artifact(dec: Path, mm: Path):
     from validate.artifacts import Artifact, read_gguf
 
     # every decoder gets its own file name (rows are keyed by it); keep the folder for manifests
@@ -160,7 +160,7 @@ def sweep_one(seed: int, index: int, root: Path, *, scenarios: str, threads: int
                                       else kv[0].removeprefix("ours "), len(rank)))
     arts, labels = [], {}
     for label, v in todo:
-        a = _artifact(label, *v)
+        a = _artifact(*v)
         arts.append(a)
         labels[a.name] = label
     rep = run_validation(ckpt, arts, load_scenarios(scenarios), scenario_set=scenarios, quiet=True,
