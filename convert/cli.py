@@ -137,22 +137,57 @@ def validate_outputs(args, ckpt, out: Path, paths: list[Path]) -> int:
 def validate_hf_folder(args, ckpt, out: Path) -> int:
     """Validate a quantized HF checkpoint just written by `python -m quantize gptq|awq` with the
     harness (transformers through the real loaders); failures keep the folder, marked in its manifest."""
-    from validate.artifacts import mark_manifest, read_hf_quantized
+    from validate.artifacts import read_hf_quantized
+
+    return validate_folder(args, ckpt, out, read_hf_quantized(out), "checkpoint")
+
+
+def validate_folder(args, ckpt, out: Path, art, what: str) -> int:
+    """Validate an artifact folder just written (an HF checkpoint, an ONNX export); a failure keeps it,
+    its files marked failed in the manifest."""
+    from validate.artifacts import mark_manifest
     from validate.cli import REPORT_HTML, REPORT_JSON, validate_and_report
     from validate.harness import Profile
 
-    art = read_hf_quantized(out)
     profile = Profile()
     if getattr(args, "threads", None):
         profile.threads = args.threads
     print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
     report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
-                                 json_out=out / REPORT_JSON, html_out=out / REPORT_HTML, speed_anchor=False)
+                                 json_out=out / REPORT_JSON, html_out=out / REPORT_HTML, speed_anchor=False,
+                                 max_kl=getattr(args, "max_kl", None))
     status = "pass" if report["exit_code"] == 0 else "fail"
-    mark_manifest(out, {p.name: status for p in art.files})
+    mark_manifest(out, {p.relative_to(out).as_posix(): status for p in art.files})
     if status == "fail":
-        print(f"validation failed: the checkpoint is kept and marked failed in {out / 'manifest.json'}")
+        print(f"validation failed: the {what} is kept and marked failed in {out / 'manifest.json'}")
     return report["exit_code"]
+
+
+def cmd_onnx(args) -> int:
+    from .onnx.export import check_options, export_onnx
+
+    check_options(args.quant, args.mode, args.int4_algo)
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
+    check_validation_args(args)
+    ckpt = open_model(args)
+    out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-onnx"
+    paths = export_onnx(ckpt, out, quant=args.quant, mode=args.mode, portable=args.portable,
+                        int4_algo=args.int4_algo, ort_format=args.ort, force=args.force, quiet=args.quiet)
+    for p in paths:
+        size = sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
+        print(f"wrote {p} ({size / 2**20:.1f} MiB)")
+    print(f"wrote {out / 'manifest.json'}")
+    if args.no_validate:
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ConvertError("validation needs onnxruntime (pip install -e '.[onnx]'); the files are written, "
+                           "pass --no-validate to skip it")
+    from validate.onnx_artifact import read_onnx
+
+    return validate_folder(args, ckpt, out, read_onnx(out), "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,14 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="general.name written into the files (default: from the checkpoint)")
     g.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     g.add_argument("--allow-nonfinite", action="store_true", help="write tensors holding NaN/Inf instead of refusing")
-    g.add_argument("--no-validate", action="store_true", help="skip validating the files against the PyTorch reference")
-    g.add_argument("--scenarios", default="default", help="validation scenario set (default, quick, text, images)")
-    g.add_argument("--threads", type=int, help="threads for the validation runtime (default min(4, cores))")
-    g.add_argument("--max-kl", type=float, help="validation quality budget: fail when the decoder's mean KL from the "
-                   "fp32 reference exceeds this (nats; default: reported, not judged)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _validation_options(g)
     g.set_defaults(func=cmd_gguf)
+
+    o = sub.add_parser("onnx", help="write the vision encoder, token embedding and decoder as ONNX (onnx-community "
+                       "layout), validated in ONNX Runtime")
+    o.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
+    o.add_argument("--quant", default="fp32", help="fp32 (default), fp16 or int4 (MatMulNBits 4-bit, block 32)")
+    o.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default), 4x or both")
+    o.add_argument("--int4-algo", default="k_quant", help="int4 quantizer of onnxruntime: k_quant (default), hqq or rtn")
+    o.add_argument("--portable", action="store_true", help="Gated DeltaNet in standard ONNX ops (a Scan over tokens) "
+                   "instead of ONNX Runtime's fused com.microsoft operators")
+    o.add_argument("--ort", action="store_true", help="also ONNX Runtime's .ort format (optimized for ARM) and "
+                   "required_operators.config, for ORT Mobile's reduced builds on Android and iOS")
+    o.add_argument("--out", help="output folder (default ./out/<model name>-onnx)")
+    o.add_argument("--force", action="store_true", help="replace a folder that holds other files")
+    _validation_options(o)
+    o.set_defaults(func=cmd_onnx)
     return ap
+
+
+def _validation_options(p: argparse.ArgumentParser) -> None:
+    """The options of the validation every export subcommand runs after writing."""
+    p.add_argument("--no-validate", action="store_true", help="skip validating the files against the PyTorch reference")
+    p.add_argument("--scenarios", default="default", help="validation scenario set (default, quick, text, images)")
+    p.add_argument("--threads", type=int, help="threads for the validation runtime (default min(4, cores))")
+    p.add_argument("--max-kl", type=float, help="validation quality budget: fail when the decoder's mean KL from the "
+                   "fp32 reference exceeds this (nats; default: reported, not judged)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from quantize.qweight import QuantizedWeight, Scheme
 from . import manifest
 from .checkpoint import Checkpoint
 from .errors import ConvertError
+from .folder import staged_folder
 
 FORMATS = ("gptq", "awq", "compressed-tensors")
 BLOCK = "model.language_model.layers"  # the decoder layers: GPTQ's block_name_to_quantize
@@ -335,7 +336,8 @@ def _write_weights(ckpt: Checkpoint, folder: Path, tensors: list[_Tensor], max_b
     return paths
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[Path]:
+def copy_side_files(src: Path, dst: Path) -> list[Path]:
+    """Copy the source folder's tokenizer, processor, chat template, generation config, ... into dst."""
     out = []
     for p in sorted(src.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.name not in NOT_COPIED_NAMES \
@@ -345,7 +347,7 @@ def _copy_side_files(src: Path, dst: Path) -> list[Path]:
     return out
 
 
-def _check_out_dir(ckpt: Checkpoint, out_dir: Path, force: bool) -> None:
+def check_out_dir(ckpt: Checkpoint, out_dir: Path, force: bool) -> None:
     if out_dir.resolve() == ckpt.path.resolve():
         raise ConvertError(f"--out {out_dir} is the source checkpoint folder; choose another folder")
     if not out_dir.exists():
@@ -353,7 +355,8 @@ def _check_out_dir(ckpt: Checkpoint, out_dir: Path, force: bool) -> None:
     if not out_dir.is_dir():
         raise ConvertError(f"--out {out_dir}: exists and is not a folder")
     # an earlier checkpoint written here is replaced whole (a stale shard would be read with the new ones)
-    ours = manifest.own_files(out_dir) | {manifest.MANIFEST, "validation.json", "validation.html"}
+    ours = {f.split("/")[0] for f in manifest.own_files(out_dir)} | {manifest.MANIFEST, "validation.json",
+                                                                      "validation.html"}
     other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if other and not force:
         raise ConvertError(f"--out {out_dir} holds files this tool did not write ({', '.join(other[:3])}"
@@ -391,21 +394,15 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
     dt = _torch_dtype(dtype, ckpt)
     linears = linear_modules(ckpt)
     _check_results(ckpt, fmt, result_weights, linears)
-    _check_out_dir(ckpt, out_dir, force)
+    check_out_dir(ckpt, out_dir, force)
     qcfg = quantization_config(fmt, result_weights, linears, meta)
     tensors = _plan(ckpt, fmt, result_weights, dense_updates, dt)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(out_dir) as tmp:
         weights = _write_weights(ckpt, tmp, tensors, max_shard_bytes, _Packer(fmt, result_weights, dt))
         cfg = {**ckpt.config, "quantization_config": qcfg}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        copied = _copy_side_files(ckpt.path, tmp)
+        copied = copy_side_files(ckpt.path, tmp)
         from safetensors.torch import save_file
 
         for fname, tdict in sorted((extra_tensors or {}).items()):
@@ -419,17 +416,6 @@ def write_quantized_checkpoint(ckpt: Checkpoint, result_weights: dict[str, Quant
         entries += [manifest.artifact_entry(p, kind="copied") for p in copied]
         manifest.write(tmp, source_info(ckpt), entries)
         size = sum(p.stat().st_size for p in weights)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():  # stopped between the two renames: put the earlier output back
-            os.replace(old, out_dir)
-        if isinstance(e, OSError):
-            raise ConvertError(f"cannot write {out_dir}: {e.strerror or e}") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     if not quiet:
         print(f"wrote {out_dir}: {fmt}, {len(result_weights)} quantized linears, {len(weights)} weight file(s), "
               f"{size / 2**20:.2f} MiB")

@@ -28,7 +28,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in (TOOL, "gguf", "numpy", "safetensors", "torch", "transformers", "tokenizers"):
+    for pkg in (TOOL, "gguf", "numpy", "safetensors", "torch", "transformers", "tokenizers", "onnx", "onnxruntime",
+                "onnxscript"):
         try:
             out[pkg] = im.version(pkg)
         except im.PackageNotFoundError:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     from PIL.Image import Image
 
-__all__ = ["Runtime", "RuntimeUnavailableError", "RUNTIMES", "runtime_class", "load_runtime", "Chunk", "Prefill", "Part"]
+__all__ = ["Runtime", "RuntimeUnavailableError", "RUNTIMES", "runtime_class", "load_runtime", "Chunk", "Prefill", "Part",
+           "Video"]
 
 
 class RuntimeUnavailableError(ConvertError):
@@ -71,8 +72,16 @@ class Prefill:
         return self.text_tokens[len(self.text_tokens) - n:], self.logits[len(self.logits) - n:]
 
 
-# A prompt part: token ids, or an image the runtime lays out and encodes itself.
-Part = Union[Sequence[int], "Image"]
+@dataclass(frozen=True)
+class Video:
+    """A video prompt part: its frames (PIL images), laid out and encoded by the runtime the way
+    transformers' video processor does (each frame an overview plus slices of video tokens)."""
+
+    frames: tuple
+
+
+# A prompt part: token ids, or an image or a video the runtime lays out and encodes itself.
+Part = Union[Sequence[int], "Image", Video]
 
 
 class Runtime(ABC):
@@ -114,6 +123,26 @@ class Runtime(ABC):
             seq.append(nxt)
         return out
 
+    def greedy_by_extend(self, tokens: Sequence[int], n: int, *, fresh: bool = True) -> list[int]:
+        """`greedy` for a stateful runtime: `reset`, `extend`, and `_last` (the newest logits row).
+        fresh=False continues the current memory; afterwards it holds the prompt and the n tokens."""
+        import time
+
+        if fresh:
+            self.reset()
+        if not tokens and getattr(self, "_last", None) is None:
+            raise ValueError("greedy needs at least one prompt token")
+        t0 = time.perf_counter()
+        last = self.extend(list(tokens))[-1] if tokens else self._last  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(np.argmax(last)))
+            last = self.extend([out[-1]])[-1]
+        self.last_timings = {"prefill_s": t1 - t0, "n_prefill": len(tokens), "decode_s": time.perf_counter() - t1,
+                             "n_decode": n}
+        return out
+
     def reset(self) -> None:
         """Clear the model's memory (KV cache and recurrent state)."""
         raise NotImplementedError(f"the {self.name} runtime keeps no state between calls")
@@ -123,7 +152,7 @@ class Runtime(ABC):
         raise NotImplementedError(f"the {self.name} runtime keeps no state between calls")
 
     def image_layout(self, image: Image) -> list[Chunk]:
-        """How this runtime lays out one image: wrapper tokens as text chunks, overview and slices
+        """How this runtime lays out one image (or a `Video`, where "video" is a capability): wrapper tokens as text chunks, overview and slices
         as image chunks, without encoding anything."""
         raise NotImplementedError(self.unsupported("image"))
 
@@ -161,6 +190,7 @@ RUNTIMES: dict[str, str] = {
     "llama.cpp": "runtimes.llamacpp:LlamaCppRuntime",
     "transformers": "runtimes.reference:ReferenceRuntime",
     "transformers-quant": "runtimes.hf_quant:HFQuantRuntime",
+    "onnxruntime": "runtimes.onnxruntime:OnnxRuntime",
 }
 
 

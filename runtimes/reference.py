@@ -21,12 +21,7 @@ from .base import Chunk, Prefill, Runtime
 
 class ReferenceRuntime(Runtime):
     name = "transformers"
-    capabilities = frozenset({"text", "image"})
-
-    def unsupported(self, kind: str) -> str:
-        if kind == "video":
-            return "the harness's video scenarios are not wired to transformers' video processor yet"
-        return super().unsupported(kind)
+    capabilities = frozenset({"text", "image", "video"})
 
     # A quantized folder opened as a dense float view (convert.quantized_source.QuantizedCheckpoint,
     # `dense_view = True`) is loaded from that view, so the reference computes exactly the model the
@@ -56,6 +51,7 @@ class ReferenceRuntime(Runtime):
         self.n_vocab = int(self.model.config.text_config.vocab_size)
         self._cache = None
         self._n_past = 0
+        self._last = None
         self.last_timings: dict[str, float] = {}
 
     def _from_dense_view(self, dtype: str):
@@ -87,22 +83,7 @@ class ReferenceRuntime(Runtime):
     def greedy(self, tokens: list[int], n: int, *, fresh: bool = True) -> list[int]:
         """Greedy decoding on transformers' cache (no stop at EOS); fresh=False continues the
         current memory. Afterwards the memory holds the prompt and the n tokens."""
-        import time
-
-        if fresh:
-            self.reset()
-        if not tokens and self._n_past == 0:
-            raise ValueError("greedy needs at least one prompt token")
-        t0 = time.perf_counter()
-        last = self.extend(list(tokens))[-1] if tokens else self._last
-        t1 = time.perf_counter()
-        out: list[int] = []
-        for _ in range(n):
-            out.append(int(np.argmax(last)))
-            last = self.extend([out[-1]])[-1]
-        self.last_timings = {"prefill_s": t1 - t0, "n_prefill": len(tokens), "decode_s": time.perf_counter() - t1,
-                             "n_decode": n}
-        return out
+        return self.greedy_by_extend(tokens, n, fresh=fresh)
 
     # `mode` defaults to the runtime's own token mode, the one image_layout and prefill use: the
     # harness asks for embeddings through the Runtime interface, which passes no mode (a fixed
@@ -113,11 +94,21 @@ class ReferenceRuntime(Runtime):
         return proc.image_processor([image], downsample_mode=mode or self.mode, return_tensors="pt")
 
     def image_embeddings(self, image, mode: str | None = None) -> list[np.ndarray]:
+        """Features per chunk of an image, or of every frame of a `Video` (transformers' video path)."""
+        from .base import Video
+
         mode = mode or self.mode
-        inp = self.image_inputs(image, mode)
         with self.torch.no_grad():
-            feats = self.model.model.get_image_features(
-                pixel_values=inp["pixel_values"], target_sizes=inp["target_sizes"], downsample_mode=mode)
+            if isinstance(image, Video):
+                inp = self.ckpt.processor.video_processor(videos=[list(image.frames)], downsample_mode=mode, do_sample_frames=False,
+                                                          return_tensors="pt")
+                feats = self.model.model.get_video_features(
+                    pixel_values_videos=inp["pixel_values_videos"], target_sizes_videos=inp["target_sizes_videos"],
+                    downsample_mode=mode)
+            else:
+                inp = self.image_inputs(image, mode)
+                feats = self.model.model.get_image_features(
+                    pixel_values=inp["pixel_values"], target_sizes=inp["target_sizes"], downsample_mode=mode)
         return [f.float().numpy() for f in feats.pooler_output]
 
     # -- sequences with precomputed image embeddings (the validation harness lays prompts out
@@ -133,7 +124,7 @@ class ReferenceRuntime(Runtime):
                 parts.append(torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32)))
             else:
                 parts.append(emb(torch.tensor(list(seg), dtype=torch.long)).float())
-        return torch.cat(parts, 0)[None]
+        return torch.cat(parts, 0)[None].to(emb.weight.dtype)  # a float16 reference takes float16 inputs
 
     def sequence_logits(self, segments) -> np.ndarray:
         """float32 [N, n_vocab]: logits at every position of the concatenated segments (one forward)."""
@@ -168,6 +159,7 @@ class ReferenceRuntime(Runtime):
     def reset(self) -> None:
         self._cache = None
         self._n_past = 0
+        self._last = None
 
     def _forward(self, embeds):
         """Run [1, n, hidden] embeddings on top of the current cache; float32 [n, n_vocab]."""
@@ -188,26 +180,12 @@ class ReferenceRuntime(Runtime):
         return self._forward(self._embeds([list(tokens)]))
 
     def image_layout(self, image) -> list[Chunk]:
-        """transformers' processor's expansion of one image: `<image_id>`, `<image>`, slices, as
-        text chunks around one image chunk per overview/slice."""
-        proc = self.ckpt.processor
-        enc = proc(text=[proc.image_token], images=[[image]], downsample_mode=self.mode, return_tensors="pt")
-        ids = [int(t) for t in enc["input_ids"][0]]
-        pad = int(self.model.config.image_token_id)
-        chunks: list[Chunk] = []
-        run: list[int] = []
-        for t in ids + [-1]:
-            is_pad = t == pad
-            if run and (is_pad != (run[0] == pad) or t == -1):
-                if run[0] == pad:
-                    chunks.append(Chunk("image", len(run), len(run)))
-                else:
-                    chunks.append(Chunk("text", len(run), len(run), tuple(run)))
-                run = []
-            if t != -1:
-                run.append(t)
-        # the trailing text the processor may add after the placeholder ("\n" is ours) stays in the prompt
-        return chunks
+        """transformers' processor's expansion of one image or `Video`: `<image_id>`, `<image>`, slices,
+        as text chunks around one media chunk per overview/slice (every frame so, for a video)."""
+        from .pipeline import processor_layout
+
+        cfg = self.model.config
+        return processor_layout(self.ckpt.processor, image, self.mode, int(cfg.image_token_id), cfg.video_token_id)
 
     def prefill(self, parts, *, fresh: bool = True) -> Prefill:
         if fresh:

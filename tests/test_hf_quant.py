@@ -257,7 +257,7 @@ def test_refusals_leave_nothing(tmp_path, tiny_ckpt, results, monkeypatch):
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hq, "_copy_side_files", full_disk)
+    monkeypatch.setattr(hq, "copy_side_files", full_disk)
     with pytest.raises(ConvertError, match="No space left"):
         write_quantized_checkpoint(tiny_ckpt, results[True], out, "awq", quiet=True)
     assert list(tmp_path.iterdir()) == []

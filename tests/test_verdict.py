@@ -71,3 +71,15 @@ def test_quality_fails_only_against_a_budget():
     assert fails and fails[0].startswith("s: quality: kl_mean vs fp32") and v["quality"]["budget_kl_mean"] == 1e-3
     row = {"status": "fail", "checks": [], "scenarios": [{"failures": fails, "verdict": v}]}
     assert summarize(row)["conversion"] == "pass" and summarize(row)["quality"]["status"] == "over budget"
+
+
+def test_a_format_s_own_ratio_applies_to_that_format_only():
+    """conversion.by_type: an fp16 ONNX graph rounds its activations too, so its limit is its own
+    measured ratio; the same noise on a GGUF type still fails."""
+    rng = np.random.default_rng(4)
+    case = _case(rng, rounding=0.05, noise=0.1)  # about 4x the types' own KL
+    assert _judge(*case, label="F16")[0]
+    ratio = RULES["conversion"]["by_type"]["onnx-fp16"]["kl_ratio"]
+    fails, v = _judge(*case, label="onnx-fp16")
+    assert v["conversion"]["kl_mean"] / v["quality"]["types_kl_mean"] < ratio["kl_mean"]
+    assert not [f for f in fails if "kl_mean" in f], fails

@@ -159,6 +159,10 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
         folder = Path(folder)
         if not folder.is_dir():
             raise ConvertError(f"{folder}: no such folder")
+        from .onnx_artifact import is_onnx_folder, read_onnx
+
+        if is_onnx_folder(folder):
+            return [read_onnx(folder)]
         if (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
             return [read_hf_quantized(folder)]  # a GPTQ / AWQ / compressed-tensors checkpoint
         infos = [read_gguf(p) for p in sorted(folder.glob("*.gguf"))]
@@ -185,8 +189,10 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
 
 def check_same_model(ckpt: Checkpoint, art) -> None:
     """Refuse artifacts made from another model (bad input, not a validation failure)."""
+    from .onnx_artifact import OnnxArtifact
+
     t, v = ckpt.spec.text, ckpt.spec.vision
-    if isinstance(art, HFArtifact):
+    if isinstance(art, (HFArtifact, OnnxArtifact)):
         tc = art.config.get("text_config", {})
         for k, val in (("num_hidden_layers", t.num_layers), ("hidden_size", t.hidden_size), ("vocab_size", t.vocab_size)):
             if k in tc and tc[k] != val:
@@ -204,7 +210,7 @@ def check_same_model(ckpt: Checkpoint, art) -> None:
     if emb and emb[0][-1] != t.vocab_size:
         raise ConvertError(f"{art.decoder.path.name} was made from another model: vocabulary {emb[0][-1]}, "
                            f"the checkpoint {ckpt.name} has {t.vocab_size}")
-    if isinstance(art, HFArtifact):
+    if isinstance(art, (HFArtifact, OnnxArtifact)):
         return
     for p in art.mmproj.values():
         pw = {"clip.vision.block_count": v.num_layers, "clip.vision.embedding_length": v.hidden_size,
@@ -340,9 +346,10 @@ def manifest_check_folder(folder: Path, files: list[Path]) -> dict:
     if m is None:
         return {"check": "manifest", "status": "skipped", "message": "no manifest.json in the folder"}
     entries = {a["file"]: a for a in m.get("artifacts", [])}
-    bad = [f.name for f in files if f.name in entries and
-           (entries[f.name].get("size") != f.stat().st_size or entries[f.name].get("sha256") != manifest.sha256_file(f))]
+    rel = {f: f.relative_to(folder).as_posix() if f.is_relative_to(folder) else f.name for f in files}
+    bad = [rel[f] for f in files if rel[f] in entries and
+           (entries[rel[f]].get("size") != f.stat().st_size or entries[rel[f]].get("sha256") != manifest.sha256_file(f))]
     if bad:
         return {"check": "manifest", "status": "fail", "message": f"{bad[0]}: sha256/size differ from manifest.json",
                 "details": bad}
-    return {"check": "manifest", "status": "pass", "message": f"{sum(f.name in entries for f in files)} file(s) match"}
+    return {"check": "manifest", "status": "pass", "message": f"{sum(rel[f] in entries for f in files)} file(s) match"}

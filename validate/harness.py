@@ -12,6 +12,8 @@ For each artifact (a decoder GGUF and its projectors):
 
 from __future__ import annotations
 
+import json
+
 import os
 import tempfile
 import time
@@ -27,7 +29,7 @@ from .artifacts import Artifact, check_same_model
 from .metrics import compare_logits, cosine
 from .process import RuntimeFailure, RuntimeProcess
 from .references import Reference
-from .scenarios import Scenario, TextPart, build_turns, load_image
+from .scenarios import Scenario, TextPart, build_turns, load_media, media_specs
 from .verdict import judge, lookup, summarize
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_CRASHED = 0, 2, 3, 4
@@ -108,10 +110,17 @@ class Harness:
         return self._fq
 
     def _image_file(self, spec: dict) -> Path:
-        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
+        key = json.dumps(spec, sort_keys=True)
         if key not in self._images:
-            p = self.scratch / f"image-{len(self._images)}.png"
-            load_image(spec).save(p)
+            media = load_media(spec)
+            if hasattr(media, "frames"):  # a video: a folder of its frames, read back in name order
+                p = self.scratch / f"video-{len(self._images)}"
+                p.mkdir()
+                for k, f in enumerate(media.frames):
+                    f.save(p / f"frame-{k:04d}.png")
+            else:
+                p = self.scratch / f"image-{len(self._images)}.png"
+                media.save(p)
             self._images[key] = p
         return self._images[key]
 
@@ -205,7 +214,8 @@ class Harness:
                 break
 
         # 2. images: the runtime's layout and embeddings; the references on the same pixels
-        images = [self._image_file(s) for s in sc.images]
+        specs = media_specs(sc)
+        images = [self._image_file(s) for s in specs]
         ref_chunks: dict[int, list] = {}
         fq_chunks: dict[int, list] = {}
         out["images"], out["layout"] = [], {"reference": {"tokens": []}, "artifact": {"tokens": []}}
@@ -217,7 +227,7 @@ class Harness:
             emb = proc.request("embeddings", image=str(path), out=str(self.scratch / f"emb-{sc.name}-{i}"))
             encode_s += emb["seconds"]
             art_embs = [np.load(f) for f in emb["files"]]
-            native = self.fp32.native_image((str(path), sc.mode), load_image(sc.images[i]), sc.mode)
+            native = self.fp32.native_image((str(path), sc.mode), load_media(specs[i]), sc.mode)
             pix = proc.request("pixels", image=str(path), out=str(self.scratch / f"pix-{sc.name}-{i}"))["files"]
             if pix is None:  # the runtime preprocesses like transformers' processor
                 ref_embs = native

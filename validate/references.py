@@ -70,6 +70,27 @@ class Reference:
         load_fake_quant(rt, sd, restore=False)
         return cls("fake-quant", rt)
 
+    @classmethod
+    def from_onnx(cls, ckpt: Checkpoint, roles: dict[str, Path], threads: int | None = None) -> "Reference":
+        """The source model carrying an ONNX export's own weights: an fp16 graph's as a float16 model
+        (its activations are float16 too, so rounding every intermediate is what its type costs), an
+        int4 graph's dequantized into the float32 model. A tied lm_head is untied first: the decoder's
+        output matmul and the token embedding are quantized separately (MatMulNBits, GatherBlockQuantized)."""
+        import torch
+
+        from .onnx_artifact import artifact_weights
+        from .weights import load_fake_quant
+
+        weights = artifact_weights(roles)
+        half = any(w.dtype == "float16" for n, w in weights.items() if n.startswith("model.language_model"))
+        rt = ReferenceRuntime(ckpt, n_threads=threads, dtype="float16" if half else "float32")
+        sd = {n: torch.from_numpy(w.value) for n, w in weights.items()}
+        head = rt.model.lm_head
+        if "lm_head.weight" in sd and head.weight.data_ptr() == rt.model.get_input_embeddings().weight.data_ptr():
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        load_fake_quant(rt, sd, restore=False)
+        return cls("fake-quant", rt)
+
     @property
     def tokenizer(self):
         return self.rt.tokenizer

@@ -84,6 +84,22 @@ def load_scenarios(selection: str = "default") -> list[Scenario]:
     return out
 
 
+def media_specs(scenario: "Scenario") -> list[dict[str, Any]]:
+    """The scenario's media in prompt order: its images, or its video as one {"frames": [...]} item."""
+    if scenario.kind == "video":
+        return [{"frames": scenario.frames}]
+    return scenario.images
+
+
+def load_media(spec: dict[str, Any]):
+    """An image spec's image, or a frames spec's `runtimes.base.Video`."""
+    if "frames" in spec:
+        from runtimes.base import Video
+
+        return Video(tuple(load_image(f) for f in spec["frames"]))
+    return load_image(spec)
+
+
 def load_image(spec: dict[str, Any]):
     """The scenario image: a shipped photo, optionally cropped (fractions l, t, r, b), resized."""
     from PIL import Image
@@ -99,9 +115,13 @@ def load_image(spec: dict[str, Any]):
     return img.resize((int(w), int(h)), Image.BICUBIC)
 
 
-def _parts(tokenizer, text: str, first_image: int, placeholder: str = IMAGE_PLACEHOLDER) -> list[TextPart | ImagePart]:
+def _parts(tokenizer, text: str, first_image: int, placeholder: str = IMAGE_PLACEHOLDER,
+           video_placeholder: str | None = None) -> list[TextPart | ImagePart]:
+    import re
+
     out: list[TextPart | ImagePart] = []
-    pieces = text.split(placeholder)
+    marks = [placeholder] + ([video_placeholder] if video_placeholder else [])
+    pieces = re.split("|".join(re.escape(m) for m in marks), text)
     for i, piece in enumerate(pieces):
         if i:
             out.append(ImagePart(first_image + i - 1))
@@ -119,7 +139,7 @@ def build_turns(scenario: Scenario, tokenizer) -> list[list[TextPart | ImagePart
 
     def parts(messages: list[dict], prefix: str = "") -> list[TextPart | ImagePart]:
         text = prefix + layout.render(messages, add_generation_prompt=True)
-        return _parts(tokenizer, text, 0, layout.image_token)
+        return _parts(tokenizer, text, 0, layout.image_token, layout.video_token)
 
     msgs = scenario.messages
     if scenario.kind != "multi-turn":

@@ -62,7 +62,10 @@ def judge(scenario: str, artifact: str, label: str, metrics: dict, series_fq: di
     fp32 reference), and unless the artifact is F32 "fake-quant" (artifact vs fake-quant) and
     "fake-quant-vs-fp32" (the yardstick); `series_fq` the per-position series against the
     conversion reference."""
-    conv_rules = rules["conversion"]
+    conv_rules = dict(rules["conversion"])
+    own = lookup(conv_rules.get("by_type", {}), label) if conv_rules.get("by_type") else None
+    if own:  # a format whose arithmetic rounds more than its weights' types (an fp16 graph's activations)
+        conv_rules["kl_ratio"] = {**conv_rules["kl_ratio"], **own.get("kl_ratio", {})}
     fails: list[str] = []
     has_fq = "fake-quant" in metrics
     conv = metrics["fake-quant"] if has_fq else metrics["fp32"]

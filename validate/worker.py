@@ -45,8 +45,15 @@ def _reset_peak_rss() -> None:
 
 
 def _image(path: str):
+    """An image file, or a folder of video frames (runtimes.base.Video)."""
+    from pathlib import Path
+
     from PIL import Image
 
+    if Path(path).is_dir():
+        from runtimes.base import Video
+
+        return Video(tuple(_image(str(f)) for f in sorted(Path(path).glob("*.png"))))
     with Image.open(path) as im:
         return im.convert("RGB")
 

@@ -6,7 +6,7 @@ the ONNX exporter turns them into ONNX Runtime's fused operators or into standar
 is one call: a T-token prefill is one node, not T graph steps.
 
 Semantics (batch first, as transformers' Qwen3.5 GatedDeltaNet):
-- causal_conv(x [B, C, T], state [B, C, K-1], weight [C, K]) -> (silu(depthwise causal conv of
+- causal_conv(x [B, C, T], state [B, C, K-1], weight [C, 1, K] (nn.Conv1d's layout)) -> (silu(depthwise causal conv of
   [state, x]) [B, C, T], the last K-1 columns of [state, x]).
 - gated_delta_rule(q, k [B, T, Hk, dk], v [B, T, Hv, dv], g [B, T, Hv] (log decay), beta [B, T, Hv],
   state [B, Hv, dk, dv]) -> (out [B, T, Hv, dv], new state). q and k are L2-normalised inside and q
@@ -24,7 +24,7 @@ __all__ = ["causal_conv", "gated_delta_rule"]
 @torch.library.custom_op("minicpmv::causal_conv", mutates_args=())
 def causal_conv(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     full = torch.cat([state.to(x.dtype), x], dim=-1)
-    y = F.silu(F.conv1d(full, weight.unsqueeze(1).to(x.dtype), groups=x.shape[1]))
+    y = F.silu(F.conv1d(full, weight.to(x.dtype), groups=x.shape[1]))
     return y, full[:, :, full.shape[-1] - state.shape[-1]:].clone()
 
 

@@ -105,7 +105,7 @@ class TextDecoder(nn.Module):
     def _linear(self, layer, x, conv_state, rec_state):
         m, t = layer.linear_attn, self.text
         B, T, _ = x.shape
-        qkv, conv_new = ops.causal_conv(m.in_proj_qkv(x).transpose(1, 2), conv_state, m.conv1d.weight.squeeze(1))
+        qkv, conv_new = ops.causal_conv(m.in_proj_qkv(x).transpose(1, 2), conv_state, m.conv1d.weight)
         qkv = qkv.transpose(1, 2)
         kd, vd = t.linear_qk_dim, t.linear_v_dim
         q = qkv[..., :kd].reshape(B, T, t.linear_num_key_heads, t.linear_key_head_dim)

@@ -3,15 +3,17 @@
 transformers' vision code computes position ids, window order and merges from `target_sizes.tolist()`
 (data-dependent, so it does not export); here they come from the pixel tensor's own shape: a slice is
 `[1, 3, 14*h, 14*w]`, the unpacked form of the processor's NaViT-packed `[3, 14, 14*h*w]` (`unpack`).
-Weights are transformers' modules, shared. Position buckets are compare-and-sum (same float32
-arithmetic as transformers' `bucketize`), the 2x2 windows and merges are reshape/permute, and window
-attention is batched over windows.
+Weights are transformers' modules, shared. Position buckets come from an integer table made with
+transformers' own float32 arithmetic (slices up to `max_grid` patches a side), the 2x2 windows and
+merges are reshape/permute, and window attention is batched over windows.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from runtimes.pipeline import unpack  # noqa: F401  (the processor's packing, undone app-side)
 
 from ..spec import ModelSpec
 
@@ -23,21 +25,8 @@ def grid_multiple(mode: str) -> int:
     return 4 if mode == "16x" else 2
 
 
-def unpack(pixel_values: torch.Tensor, target_sizes, patch: int = 14) -> list[torch.Tensor]:
-    """The processor's packed pixels of one image ([1, 3, p, p*sum(h*w)]: every chunk's patches left to
-    right, row-major over its grid, chunk after chunk) as one [1, 3, p*h, p*w] image per chunk."""
-    packed = pixel_values.reshape(pixel_values.shape[-3], patch, -1)
-    c = packed.shape[0]
-    out, start = [], 0
-    for h, w in (tuple(int(v) for v in hw) for hw in target_sizes):
-        x = packed[:, :, start * patch:(start + h * w) * patch].reshape(c, patch, h, w, patch)
-        out.append(x.permute(0, 2, 1, 3, 4).reshape(1, c, h * patch, w * patch))
-        start += h * w
-    return out
-
-
 class VisionEncoder(nn.Module):
-    def __init__(self, hf_model, spec: ModelSpec, mode: str):
+    def __init__(self, hf_model, spec: ModelSpec, mode: str, max_grid: int = 256):
         super().__init__()
         if mode not in ("16x", "4x"):
             raise ValueError(f"mode {mode!r}")
@@ -52,12 +41,17 @@ class VisionEncoder(nn.Module):
         self.merger = hf_model.model.merger.mlp[0]
         n = tower.embeddings.num_patches_per_side
         self.side = n
-        # exactly transformers' bucket boundaries (get_vision_nearest_position_ids)
-        self.register_buffer("boundaries", torch.arange(1 / n, 1.0, 1 / n), persistent=False)
+        # transformers' nearest-position buckets (get_vision_nearest_position_ids: float32 i/h against
+        # float32 boundaries) for every side length up to max_grid, as an integer table: exact, and
+        # untouched when a graph is converted to float16 (i/h in float16 picks wrong buckets)
+        bounds = torch.arange(1 / n, 1.0, 1 / n)
+        table = torch.zeros(max_grid + 1, max_grid, dtype=torch.long)
+        for size in range(1, max_grid + 1):
+            table[size, :size] = torch.bucketize(torch.arange(size) / size, bounds, right=True)
+        self.register_buffer("buckets", table, persistent=False)
 
-    def _buckets(self, size: int) -> torch.Tensor:
-        coords = torch.arange(size, device=self.boundaries.device) / size
-        return (coords[:, None] >= self.boundaries[None, :]).sum(-1)
+    def _buckets(self, size) -> torch.Tensor:
+        return self.buckets[size, :size]
 
     @staticmethod
     def _attend(attn, x: torch.Tensor) -> torch.Tensor:
