@@ -141,7 +141,7 @@ def _role(role: str) -> str:
     return "vision" if role.startswith("vision") else role
 
 
-def artifact_weights(roles: dict[str, Path]) -> dict[str, "Weight"]:  # noqa: F821
+def artifact_weights(roles: dict[str, Path]) -> dict:
     """HF name -> the weight as the files hold it (the first vision encoder for shared vision weights)."""
     from .onnx_weights import read_weights
 

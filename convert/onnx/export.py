@@ -13,12 +13,11 @@ weights pass 2 GB keeps them in `NAME.onnx_data` beside it (ONNX's protobuf limi
 
 from __future__ import annotations
 
+import gc
 import json
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .. import manifest
 from ..checkpoint import Checkpoint
@@ -181,6 +180,8 @@ def export_onnx(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "fp32", m
             module, args, dyn, ins, outs = build()
             model = export_module(module, args, dynamic_shapes=dyn, input_names=ins, output_names=outs,
                                   table=translation_table() if role == "decoder" else None)
+            if role.startswith("vision"):  # torch.export calls it s52*s80 (h*w / 16)
+                model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "num_image_tokens"
             info: dict = {"role": role.split("_")[0]}
             q = VISION_QUANT[quant] if role.startswith("vision") else quant
             if q == "fp16":  # before lowering: the Gated DeltaNet placeholders stay float32 as one node each
@@ -200,6 +201,10 @@ def export_onnx(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "fp32", m
                     print(f"note: {len(refused)} {carried_from} weight(s) re-quantized, not carried over "
                           f"({next(iter(refused.values()))})")
             if q == "int4":
+                if role == "decoder":  # the last job: the source model's weights are not needed any more
+                    jobs.clear()
+                    hf = module = None
+                    gc.collect()
                 model, rtn = to_int4(model, algo=int4_algo, gather=role == "embed")
                 info.update(int4_algo=int4_algo if role == "decoder" else "rtn", block_size=32)
                 if rtn:
@@ -209,7 +214,10 @@ def export_onnx(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "fp32", m
             model.producer_name, model.producer_version = manifest.TOOL, manifest.versions().get(manifest.TOOL, "")
             path = tmp / "onnx" / names[role]
             _save(model, path)
-            del model
+            del model, module
+            if role.startswith("vision") and role == f"vision_{modes[-1]}":
+                hf.model.vision_tower = None  # the decoder's export does not need its weights resident
+                gc.collect()
             for p in sorted(path.parent.glob(path.name + "*")):
                 e = manifest.artifact_entry(p, kind="onnx" if p.suffix == ".onnx" else "onnx_data", format="onnx",
                                             quant=q, **info)

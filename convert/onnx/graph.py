@@ -27,8 +27,11 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
                 and n.input[0] not in {o.name for o in g.output}):
             t = inits[n.input[0]]
             perm = list(n.attribute[0].ints) if n.attribute else None
-            arr = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), t.name))
+            arr = np.ascontiguousarray(np.transpose(numpy_helper.to_array(t), perm))
+            t.raw_data = arr.tobytes()  # in place: one transient copy of the weight, not three
+            del t.dims[:]
+            t.dims.extend(arr.shape)
+            del arr
             renames[n.output[0]] = t.name
             folded += 1
             continue
@@ -49,6 +52,43 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return folded
 
 
+STUB = "__weights_set_aside__"
+SET_ASIDE_BYTES = 1 << 20  # initializers this large are weights, never constant-folded by the optimizer
+
+
+class _weights_set_aside:
+    """Within the block the model's large initializers are stubs (external data at a location that
+    does not exist, so nothing reads or copies them); on exit the stubs get their data back by name.
+    On the full-size model this keeps the optimizer's two model copies from holding 3 GB of weights each."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.kept = model, {}
+
+    def __enter__(self):
+        for t in self.model.graph.initializer:
+            if t.HasField("raw_data") and len(t.raw_data) >= SET_ASIDE_BYTES:
+                self.kept[t.name] = t.raw_data
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", STUB), ("length", str(len(self.kept[t.name])))):
+                    t.external_data.add(key=k, value=v)
+        return self
+
+    def restore(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL and any(e.value == STUB for e in t.external_data):
+                del t.external_data[:]
+                t.ClearField("data_location")
+                t.raw_data = self.kept.pop(t.name)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            raise RuntimeError("the optimizer renamed a set-aside weight")
+        return model
+
+    def __exit__(self, *exc):
+        return False
+
+
 def export_module(module, args: tuple, *, dynamic_shapes, input_names: list[str], output_names: list[str],
                   table: dict | None = None) -> onnx.ModelProto:
     """torch.onnx (dynamo) export of `module`, weights named after its parameters, then optimized."""
@@ -66,12 +106,17 @@ def export_module(module, args: tuple, *, dynamic_shapes, input_names: list[str]
                                  output_names=output_names, custom_translation_table=table or {}, dynamo=True,
                                  optimize=False, verbose=False)
     model = prog.model_proto
+    del prog  # its IR holds the graph a second time
     fold_weight_transposes(model)
-    model = onnxscript.optimizer.optimize(model)
+    aside = _weights_set_aside(model).__enter__()  # the optimizer copies the model twice: not the weights
+    model = aside.restore(onnxscript.optimizer.optimize(model))
     # the exporter's per-node provenance (stack traces with local paths) would make the bytes depend on
     # where the project is installed
-    for n in model.graph.node:
-        del n.metadata_props[:]
+    g = model.graph
+    for item in [*g.node, *g.input, *g.output, *g.value_info, *g.initializer]:
+        del item.metadata_props[:]
+    for n in g.node:
         n.doc_string = ""
+    del g.metadata_props[:]  # an export-time mapping whose order varies with the process's hash seed
     del model.metadata_props[:]
     return model

@@ -25,7 +25,29 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
+    infer = True
+    if _too_large(model):
+        # the converter's own shape inference serializes the model, which protobuf refuses past 2 GB:
+        # infer through a file with external data instead, then convert with the shapes known
+        model = _infer_shapes_via_file(model)
+        infer = False
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=not infer)
+
+
+def _too_large(model: onnx.ModelProto) -> bool:
+    return sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
+
+
+def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save(model, str(src), save_as_external_data=True, location="in.onnx_data", size_threshold=1024)
+        del model
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+        return onnx.load(str(dst), load_external_data=True) if dst.exists() else onnx.load(str(src))
 
 
 def to_int4(model: onnx.ModelProto, *, algo: str = "k_quant", block_size: int = 32,
