@@ -8,10 +8,9 @@ Measures, at `--threads` threads, median of `--repeat`:
   process: wall time and peak RSS; `python -m convert gguf --quant Q4_K_M` for the llama.cpp anchor;
 * text: a `--prompt`-token prompt prefilled in one call, then `--decode` greedy steps, ORT int4 (fused
   Gated DeltaNet operators) and llama.cpp Q4_K_M, as tokens/s and their ratios; ORT's `--portable`
-  decoder's prefill against the fused one;
+  decoder's prefill against the fused one. Generation asks ORT's decoder for the last row only
+  (`num_logits_to_keep` = 1), as llama.cpp computes only the last row's logits;
 * vision: one 448x448 slice through the 16x and the 4x encoder (ratio 16x / 4x).
-ORT's decoder returns logits for every position (the onnx-community contract); llama.cpp computes
-the last position's only, so ORT's prefill carries an extra vocabulary-sized matmul per token.
 """
 
 from __future__ import annotations
@@ -60,12 +59,22 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", default="out/onnx-bench")
     ap.add_argument("--json")
+    ap.add_argument("--reuse", action="store_true", help="keep the exports already in --work (speed only)")
     a = ap.parse_args()
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     env_note = {"threads": a.threads, "prompt_tokens": a.prompt, "decode_tokens": a.decode, "repeat": a.repeat}
     res: dict = {"setup": env_note, "export": {}}
     m = ["--model", a.model, "--quiet", "--no-validate", "--force"]
+    if a.reuse:
+        res["export"] = "reused (see an earlier run)"
+    else:
+        export_all(a, work, m, res)
+    speed(a, work, res)
+    return 0
+
+
+def export_all(a, work: Path, m: list[str], res: dict) -> None:
     res["export"]["onnx int4 (both modes)"] = timed_process(
         ["-m", "convert", "onnx", *m, "--quant", "int4", "--mode", "both", "--out", str(work / "onnx-int4")])
     print("onnx int4 export", res["export"]["onnx int4 (both modes)"], flush=True)
@@ -74,6 +83,9 @@ def main() -> int:
     res["export"]["gguf Q4_K_M"] = timed_process(
         ["-m", "convert", "gguf", *m, "--quant", "Q4_K_M", "--out", str(work / "gguf")])
     print("exports", res["export"], flush=True)
+
+
+def speed(a, work: Path, res: dict) -> None:
 
     from PIL import Image
 
@@ -122,7 +134,6 @@ def main() -> int:
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -132,13 +132,14 @@ class Runtime(ABC):
             self.reset()
         if not tokens and getattr(self, "_last", None) is None:
             raise ValueError("greedy needs at least one prompt token")
+        step = getattr(self, "extend_last", self.extend)  # generation needs the last row only
         t0 = time.perf_counter()
-        last = self.extend(list(tokens))[-1] if tokens else self._last  # type: ignore[attr-defined]
+        last = step(list(tokens))[-1] if tokens else self._last  # type: ignore[attr-defined]
         t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(n):
             out.append(int(np.argmax(last)))
-            last = self.extend([out[-1]])[-1]
+            last = step([out[-1]])[-1]
         self.last_timings = {"prefill_s": t1 - t0, "n_prefill": len(tokens), "decode_s": time.perf_counter() - t1,
                              "n_decode": n}
         return out

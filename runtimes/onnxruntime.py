@@ -56,6 +56,8 @@ class OrtEngine(Engine):
         dec = self._session("decoder")
         self._state_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_")]
         self._outputs = [o.name for o in dec.get_outputs()]
+        # an input with a default value (an initializer of the same name) is listed apart by ORT
+        self._keep = any(i.name == "num_logits_to_keep" for i in [*dec.get_inputs(), *dec.get_overridable_initializers()])
         self._state: dict[str, np.ndarray] = {}
         self.reset()
 
@@ -82,12 +84,14 @@ class OrtEngine(Engine):
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self._session("embed").run(None, {"input_ids": ids})[0].astype(np.float32)
 
-    def decode(self, embeds: np.ndarray, start: int) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, start: int, last_only: bool = False) -> np.ndarray:
         if start != self._past:
             raise ValueError(f"decode at position {start}, but the state holds {self._past}")
         T = embeds.shape[1]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, start + T), np.int64),
                  "position_ids": np.arange(start, start + T, dtype=np.int64)[None], **self._state}
+        if last_only and self._keep:
+            feeds["num_logits_to_keep"] = np.array(1, np.int64)
         out = self._session("decoder").run(None, feeds)
         res = dict(zip(self._outputs, out))
         for name in self._state:

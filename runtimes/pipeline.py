@@ -37,9 +37,10 @@ class Engine(ABC):
         """int64 [1, T] -> float32 [1, T, n_embd]."""
 
     @abstractmethod
-    def decode(self, embeds: np.ndarray, start: int) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, start: int, last_only: bool = False) -> np.ndarray:
         """Run [1, T, n_embd] at positions start..start+T-1 on the current state (which must hold exactly
-        `start` positions); float32 logits [T, n_vocab]. The state then holds start+T positions."""
+        `start` positions); float32 logits [T, n_vocab] (last_only: at least the last row, which an engine
+        may compute alone). The state then holds start+T positions."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -151,12 +152,13 @@ class PipelineRuntime(Runtime):
         self._n_past = 0
         self._last = None
 
-    def _decode(self, embeds: np.ndarray) -> np.ndarray:
-        """[1, N, n_embd] on top of the state, in calls of at most max_call_tokens; [N, n_vocab]."""
+    def _decode(self, embeds: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """[1, N, n_embd] on top of the state, in calls of at most max_call_tokens; [N, n_vocab] (or, with
+        last_only, at least the last row: what generation needs)."""
         out = []
         for i in range(0, embeds.shape[1], self.max_call_tokens):
             part = np.ascontiguousarray(embeds[:, i:i + self.max_call_tokens], dtype=np.float32)
-            out.append(self.engine.decode(part, self._n_past))
+            out.append(self.engine.decode(part, self._n_past, last_only))
             self.n_decoder_calls += 1
             self._n_past += part.shape[1]
         logits = np.concatenate(out) if out else np.empty((0, self.n_vocab), np.float32)
@@ -178,6 +180,11 @@ class PipelineRuntime(Runtime):
 
     def greedy(self, tokens: list[int], n: int, *, fresh: bool = True) -> list[int]:
         return self.greedy_by_extend(tokens, n, fresh=fresh)
+
+    def extend_last(self, tokens) -> np.ndarray:
+        """Like `extend`, for generation: the logits of the last token only (an engine that can skips
+        the LM head on every other position)."""
+        return self._decode(self._embed_ids(tokens), last_only=True)[-1:]
 
     # -- images -----------------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ def test_layout_and_manifest(onnx_dirs):
     ins = [i.name for i in dec.graph.input]
     outs = [o.name for o in dec.graph.output]
     assert ins[:5] == ["inputs_embeds", "attention_mask", "position_ids", "past_conv.0", "past_recurrent.0"]
+    assert ins[-1] == "num_logits_to_keep"  # optional: its initializer (0, every position) is the default
     assert "past_key_values.3.key" in ins and "present.3.value" in outs and "present_recurrent.2" in outs
     assert outs[0] == "logits"
     ops = {(n.domain, n.op_type) for n in dec.graph.node}
@@ -131,6 +132,12 @@ def test_prompt_is_one_call_and_state_carries(onnx_dirs, tiny_dir):
         assert rt.n_decoder_calls == 2 + 10
     got = np.concatenate([a.logits, b.logits, c])
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # generation asks the decoder for the last row only (num_logits_to_keep): same tokens as the reference
+    with OnnxRuntime(onnx_dirs("fp32"), n_threads=2) as rt:
+        assert rt.engine._keep
+        assert rt.extend_last(ids[:300]).shape == (1, ref.n_vocab)
+        assert np.abs(rt.logits(ids[:300])[-1] - want[299]).max() <= 1e-4 * np.abs(want).max()
+        assert rt.greedy(ids[:300], 12) == ref.greedy(ids[:300], 12)
 
 
 def test_portable_equals_fused(onnx_dirs, tiny_alt_dir):

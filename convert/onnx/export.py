@@ -159,7 +159,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "fp32", m
     from runtimes.reference import load_reference_model
 
     from .graph import export_module
-    from .lowering import lower, translation_table
+    from .lowering import add_logits_to_keep, lower, translation_table
     from .precision import to_fp16, to_int4
 
     modes = check_options(quant, mode, int4_algo)
@@ -189,6 +189,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "fp32", m
             if role == "decoder":
                 info["gated_deltanet"] = "portable" if portable else "fused"
                 lower(model, spec.text, portable=portable)
+                add_logits_to_keep(model)
             if q == "int4" and carried_from and role == "decoder":
                 from .carry import carry_over
                 from .names import hf_name

@@ -202,3 +202,26 @@ def lower(model: onnx.ModelProto, text: TextSpec, *, portable: bool) -> dict[str
     del model.opset_import[:]
     model.opset_import.extend(imports)
     return counts
+
+
+KEEP = "num_logits_to_keep"
+
+
+def add_logits_to_keep(model: onnx.ModelProto) -> None:
+    """An optional decoder input `num_logits_to_keep` (int64 scalar; 0, its default, keeps every position):
+    the LM head runs on the last k positions only. A prompt's prefill needs one row, and the
+    full-vocabulary rows of every other position were half of a 512-token prefill on the full-size model."""
+    g = model.graph
+    head = next(n for n in g.node if "logits" in n.output)
+    x = head.input[0]
+    g.input.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, []))
+    g.initializer.append(numpy_helper.from_array(np.array(0, np.int64), KEEP))  # the default: all positions
+    e = _Emitter(model, "logits_to_keep")
+    k = e.op("Reshape", [KEEP, e.const("one", np.array([1], np.int64))])
+    start = e.op("Where", [e.op("Greater", [k, e.const("zero", np.array([0], np.int64))]), e.op("Neg", [k]),
+                           e.const("zero", np.array([0], np.int64))])
+    last = e.op("Slice", [x, start, e.const("end", np.array([2**62], np.int64)), e.const("axis", np.array([1], np.int64))])
+    head.input[0] = last
+    i = list(g.node).index(head)
+    for n in reversed(e.nodes):
+        g.node.insert(i, n)
