@@ -185,8 +185,7 @@ def check_weights(ckpt: Checkpoint, roles: dict[str, Path]) -> dict:
                 problems.append(f"{w.onnx_name}: 4-bit error {ratio:.2f}x plain RTN's (limit {INT4_RTN_FACTOR})")
     matrices = {n for n in names if len(ckpt.info(n).shape) >= 2 and not n.startswith("mtp.")
                 and not (n.startswith("model.vision_tower.vit_merger.") and "vision_16x" not in roles)}
-    missing = sorted(matrices - set(weights) - ({"lm_head.weight"} if "lm_head.weight" in weights else set()))
-    missing = [n for n in missing if not (n == "model.language_model.embed_tokens.weight" and n in weights)]
+    missing = sorted(matrices - set(weights))
     if missing:
         problems.append(f"{len(missing)} checkpoint matrices are in no ONNX file by name, e.g. {missing[0]}")
     n_vec = sum(1 for n in names - set(weights) if len(ckpt.info(n).shape) < 2)
