@@ -190,6 +190,27 @@ def cmd_onnx(args) -> int:
     return validate_folder(args, ckpt, out, read_onnx(out), "export")
 
 
+def cmd_executorch(args) -> int:
+    from .executorch.export import check_options, export_executorch
+
+    check_options(args.quant, args.mode, args.vision_quant, args.max_context, args.max_seq_len)
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
+    check_validation_args(args)
+    ckpt = open_model(args)
+    out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-executorch"
+    path = export_executorch(ckpt, out, quant=args.quant, mode=args.mode, vision_quant=args.vision_quant,
+                             max_context=args.max_context, max_seq_len=args.max_seq_len, force=args.force,
+                             quiet=args.quiet)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"wrote {out / 'manifest.json'}")
+    if args.no_validate:
+        return 0
+    from validate.executorch_artifact import read_executorch
+
+    return validate_folder(args, ckpt, out, read_executorch(out), "export")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m convert", description="Export MiniCPM-V 4.6 to edge formats.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -239,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(o)
     o.set_defaults(func=cmd_onnx)
+
+    e = sub.add_parser("executorch", help="write one ExecuTorch .pte (vision_encoder, token_embedding, text_decoder; "
+                       "XNNPACK) for ExecuTorch's multimodal runner, validated in the ExecuTorch runtime")
+    e.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
+    e.add_argument("--quant", default="8da4w", help="decoder linears: 8da4w (default; int8 dynamic activations, int4 "
+                   "weights, group 32), 8da8w or fp32")
+    e.add_argument("--vision-quant", default="fp32", help="vision tower and merger: fp32 (default) or 8da8w")
+    e.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default), 4x or both "
+                   "(both: vision_encoder is 16x, vision_encoder_4x beside it)")
+    e.add_argument("--max-context", type=int, default=4096, help="positions the K/V cache holds (default 4096)")
+    e.add_argument("--max-seq-len", type=int, default=512, help="tokens per text_decoder call (default 512); "
+                   "the runner splits longer prompts")
+    e.add_argument("--out", help="output folder (default ./out/<model name>-executorch)")
+    e.add_argument("--force", action="store_true", help="replace a folder that holds other files")
+    _validation_options(e)
+    e.set_defaults(func=cmd_executorch)
     return ap
 
 

@@ -192,6 +192,7 @@ RUNTIMES: dict[str, str] = {
     "transformers": "runtimes.reference:ReferenceRuntime",
     "transformers-quant": "runtimes.hf_quant:HFQuantRuntime",
     "onnxruntime": "runtimes.onnxruntime:OnnxRuntime",
+    "executorch": "runtimes.executorch:ExecutorchRuntime",
 }
 
 

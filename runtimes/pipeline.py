@@ -5,9 +5,9 @@ image chunk with the vision encoder -> splice the features at the processor's im
 decode with the state carried across calls. A runtime (ONNX Runtime; next ExecuTorch, Core ML) adds only
 an `Engine`: its three graphs behind `encode`, `embed`, `decode` and `reset`.
 
-A prompt is one decoder call up to `max_call_tokens` (default 512; the decoder returns full-vocabulary
-logits for every position, 1 GB per 1024 tokens of a 248k vocabulary), longer prompts are split into
-calls of that size, state carried.
+A prompt is one decoder call up to `max_call_tokens` (default 512; a decoder that returns full-vocabulary
+logits for every position needs 1 GB per 1024 tokens of a 248k vocabulary), longer prompts are split into
+calls of that size, state carried; only the rows a caller scores are kept.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Engine(ABC):
         """Drop the state: the next decode starts a conversation."""
 
     modes: tuple[str, ...] = ("16x",)  # vision encoders present
+    full_logits = True  # decode returns every position's logits unless last_only (else the last row only)
 
     def close(self) -> None:
         pass
@@ -152,17 +153,36 @@ class PipelineRuntime(Runtime):
         self._n_past = 0
         self._last = None
 
-    def _decode(self, embeds: np.ndarray, last_only: bool = False) -> np.ndarray:
-        """[1, N, n_embd] on top of the state, in calls of at most max_call_tokens; [N, n_vocab] (or, with
-        last_only, at least the last row: what generation needs)."""
+    def _decode(self, embeds: np.ndarray, need: np.ndarray | None = None) -> np.ndarray:
+        """[1, N, n_embd] on top of the state; the logits of the rows in `need` (default all), [n, n_vocab].
+        Calls hold at most max_call_tokens. An engine that returns only the last position's logits
+        (`full_logits = False`, ExecuTorch's decoder) gets calls that each end at a needed row, so rows
+        nobody scores (image features) ride along in the call before the next text token."""
+        N = embeds.shape[1]
+        need = np.ones(N, bool) if need is None else np.asarray(need, bool)
+        stops = [] if self.engine.full_logits else (np.flatnonzero(need) + 1).tolist()
+        bounds, s = [], 0
+        for e in stops + [N]:
+            while e - s > self.max_call_tokens:
+                bounds.append((s, s + self.max_call_tokens))
+                s += self.max_call_tokens
+            if e > s:
+                bounds.append((s, e))
+                s = e
         out = []
-        for i in range(0, embeds.shape[1], self.max_call_tokens):
-            part = np.ascontiguousarray(embeds[:, i:i + self.max_call_tokens], dtype=np.float32)
-            out.append(self.engine.decode(part, self._n_past, last_only))
+        for s, e in bounds:
+            part = np.ascontiguousarray(embeds[:, s:e], dtype=np.float32)
+            wanted = need[s:e]
+            only_last = not wanted[:-1].any()
+            res = self.engine.decode(part, self._n_past, only_last)
             self.n_decoder_calls += 1
-            self._n_past += part.shape[1]
+            self._n_past += e - s
+            if wanted[-1] and only_last:
+                out.append(res[-1:])
+            elif wanted.any():
+                out.append(res[wanted])
         logits = np.concatenate(out) if out else np.empty((0, self.n_vocab), np.float32)
-        if len(logits):
+        if N and need[-1]:
             self._last = logits[-1]
         return logits
 
@@ -184,7 +204,9 @@ class PipelineRuntime(Runtime):
     def extend_last(self, tokens) -> np.ndarray:
         """Like `extend`, for generation: the logits of the last token only (an engine that can skips
         the LM head on every other position)."""
-        return self._decode(self._embed_ids(tokens), last_only=True)[-1:]
+        need = np.zeros(len(tokens), bool)
+        need[-1] = True
+        return self._decode(self._embed_ids(tokens), need)
 
     # -- images -----------------------------------------------------------------------------------
 
@@ -222,11 +244,11 @@ class PipelineRuntime(Runtime):
                 chunks.append(c)
                 is_text.append(np.full(c.n_tokens, c.kind == "text"))
         start = self._n_past
-        logits = self._decode(np.concatenate(segs)[None]) if segs else np.empty((0, self.n_vocab), np.float32)
         mask = np.concatenate(is_text) if is_text else np.zeros(0, bool)
+        logits = self._decode(np.concatenate(segs)[None], mask) if segs else np.empty((0, self.n_vocab), np.float32)
         toks = [t for c in chunks if c.kind == "text" for t in c.tokens]
         pos = np.arange(start, self._n_past)[mask]
-        return Prefill(chunks, toks, pos.astype(np.int64), logits[mask], self._n_past)
+        return Prefill(chunks, toks, pos.astype(np.int64), logits, self._n_past)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -159,10 +159,13 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
         folder = Path(folder)
         if not folder.is_dir():
             raise ConvertError(f"{folder}: no such folder")
+        from .executorch_artifact import is_executorch_folder, read_executorch
         from .onnx_artifact import is_onnx_folder, read_onnx
 
         if is_onnx_folder(folder):
             return [read_onnx(folder)]
+        if is_executorch_folder(folder):
+            return [read_executorch(folder)]
         if (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
             return [read_hf_quantized(folder)]  # a GPTQ / AWQ / compressed-tensors checkpoint
         infos = [read_gguf(p) for p in sorted(folder.glob("*.gguf"))]
@@ -189,10 +192,11 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
 
 def check_same_model(ckpt: Checkpoint, art) -> None:
     """Refuse artifacts made from another model (bad input, not a validation failure)."""
+    from .executorch_artifact import ExecutorchArtifact
     from .onnx_artifact import OnnxArtifact
 
     t, v = ckpt.spec.text, ckpt.spec.vision
-    if isinstance(art, (HFArtifact, OnnxArtifact)):
+    if isinstance(art, (HFArtifact, OnnxArtifact, ExecutorchArtifact)):
         tc = art.config.get("text_config", {})
         for k, val in (("num_hidden_layers", t.num_layers), ("hidden_size", t.hidden_size), ("vocab_size", t.vocab_size)):
             if k in tc and tc[k] != val:
@@ -210,7 +214,7 @@ def check_same_model(ckpt: Checkpoint, art) -> None:
     if emb and emb[0][-1] != t.vocab_size:
         raise ConvertError(f"{art.decoder.path.name} was made from another model: vocabulary {emb[0][-1]}, "
                            f"the checkpoint {ckpt.name} has {t.vocab_size}")
-    if isinstance(art, (HFArtifact, OnnxArtifact)):
+    if isinstance(art, (HFArtifact, OnnxArtifact, ExecutorchArtifact)):
         return
     for p in art.mmproj.values():
         pw = {"clip.vision.block_count": v.num_layers, "clip.vision.embedding_length": v.hidden_size,

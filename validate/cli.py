@@ -96,8 +96,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m validate", description=__doc__.split("\n")[0])
     ap.add_argument("artifacts", nargs="?", help="folder with decoder and mmproj GGUFs (this project's or anyone's), "
-                                                 "a GPTQ / AWQ / compressed-tensors checkpoint folder, or an ONNX export "
-                                                 "(python -m convert onnx)")
+                                                 "a GPTQ / AWQ / compressed-tensors checkpoint folder, an ONNX export "
+                                                 "(python -m convert onnx) or an ExecuTorch export (python -m convert executorch)")
     ap.add_argument("--model", help="the source checkpoint (default: the tiny synthetic model)")
     ap.add_argument("--decoder", help="decoder GGUF (instead of a folder)")
     ap.add_argument("--mmproj", action="append", help="projector GGUF for --decoder; repeat for 16x and 4x")

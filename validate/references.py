@@ -91,6 +91,18 @@ class Reference:
         load_fake_quant(rt, sd, restore=False)
         return cls("fake-quant", rt)
 
+    @classmethod
+    def from_torchao(cls, ckpt: Checkpoint, quant: str, vision_quant: str = "fp32",
+                     threads: int | None = None) -> "Reference":
+        """The source model with the torchao quantization an ExecuTorch export applies, run in eager
+        PyTorch (torchao's own int8-dynamic-activation / intx-weight arithmetic): what the `.pte`
+        computes, less XNNPACK's kernels."""
+        from convert.executorch.quant import quantize_model
+
+        rt = ReferenceRuntime(ckpt, n_threads=threads)
+        quantize_model(rt.model, quant, vision_quant)
+        return cls("fake-quant", rt)
+
     @property
     def tokenizer(self):
         return self.rt.tokenizer

@@ -57,7 +57,9 @@ class TokenEmbedding(nn.Module):
         self.embed_tokens = hf_model.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        # padding_idx only matters for gradients; without it the graph is the plain embedding that
+        # ExecuTorch's quantized-embedding fusion looks for
+        return F.embedding(input_ids, self.embed_tokens.weight)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,8 @@ class TextDecoder(nn.Module):
         inv = 1.0 / (text.rope_theta ** (torch.arange(0, text.rope_dim, 2, dtype=torch.float32) / text.rope_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def _attention(self, layer, x, cos, sin, past_k, past_v, mask):
+    def _qkv(self, layer, x, cos, sin):
+        """q [B, H, T, d] and k, v [B, n_kv, T, d] with RoPE applied, and the output gate [B, T, H*d]."""
         a, t = layer.self_attn, self.text
         B, T, _ = x.shape
         q, gate = a.q_proj(x).view(B, T, t.num_heads, 2 * t.head_dim).chunk(2, dim=-1)
@@ -91,21 +94,41 @@ class TextDecoder(nn.Module):
         r = t.rope_dim
         q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
         k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, v], dim=2)
+        return q, k, v, gate
+
+    def _attend(self, q, k, v, mask):
+        """Attention of q [B, H, T, d] over k, v [B, n_kv, S, d] with an additive mask -> [B, T, H*d]."""
+        t = self.text
+        B, _, T, _ = q.shape
         rep = t.num_heads // t.num_kv_heads
         # grouped heads as [B, n_kv, rep, T, d] against [B, n_kv, 1, S, d]: no K/V copies
-        qg = q.view(B, t.num_kv_heads, rep, T, t.head_dim)
+        qg = q.reshape(B, t.num_kv_heads, rep, T, t.head_dim)
         scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (t.head_dim ** -0.5)
         probs = torch.softmax(scores + mask, dim=-1)
         o = torch.matmul(probs, v.unsqueeze(2)).view(B, t.num_heads, T, t.head_dim)
-        o = o.transpose(1, 2).reshape(B, T, t.num_heads * t.head_dim)
-        return a.o_proj(o * torch.sigmoid(gate)), k, v
+        return o.transpose(1, 2).reshape(B, T, t.num_heads * t.head_dim)
+
+    def _attention(self, layer, x, cos, sin, past_k, past_v, mask):
+        q, k, v, gate = self._qkv(layer, x, cos, sin)
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        o = self._attend(q, k, v, mask)
+        return layer.self_attn.o_proj(o * torch.sigmoid(gate)), k, v
+
+    # the Gated DeltaNet primitives (convert/modules/ops.py semantics); an exporter may swap in its own
+    _causal_conv = staticmethod(ops.causal_conv)
+    _delta_rule = staticmethod(ops.gated_delta_rule)
+
+    def _rope(self, position_ids: torch.Tensor):
+        """cos, sin [1, 1, T, rope_dim] of positions [1, T]."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [1, T, r/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
 
     def _linear(self, layer, x, conv_state, rec_state):
         m, t = layer.linear_attn, self.text
         B, T, _ = x.shape
-        qkv, conv_new = ops.causal_conv(m.in_proj_qkv(x).transpose(1, 2), conv_state, m.conv1d.weight)
+        qkv, conv_new = self._causal_conv(m.in_proj_qkv(x).transpose(1, 2), conv_state, m.conv1d.weight)
         qkv = qkv.transpose(1, 2)
         kd, vd = t.linear_qk_dim, t.linear_v_dim
         q = qkv[..., :kd].reshape(B, T, t.linear_num_key_heads, t.linear_key_head_dim)
@@ -113,7 +136,7 @@ class TextDecoder(nn.Module):
         v = qkv[..., 2 * kd:].reshape(B, T, t.linear_num_value_heads, t.linear_value_head_dim)
         beta = torch.sigmoid(m.in_proj_b(x))
         g = -m.A_log.float().exp() * F.softplus(m.in_proj_a(x).float() + m.dt_bias)
-        o, rec_new = ops.gated_delta_rule(q, k, v, g, beta, rec_state)
+        o, rec_new = self._delta_rule(q, k, v, g, beta, rec_state)
         z = m.in_proj_z(x).reshape(B * T * t.linear_num_value_heads, t.linear_value_head_dim)
         o = m.norm(o.reshape(B * T * t.linear_num_value_heads, t.linear_value_head_dim), z).reshape(B, T, vd)
         return m.out_proj(o), conv_new, rec_new
@@ -123,9 +146,7 @@ class TextDecoder(nn.Module):
         t = self.text
         x = inputs_embeds
         T = x.shape[1]
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [1, T, r/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [1, 1, T, r]
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = self._rope(position_ids)
         mask = None
         out: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):

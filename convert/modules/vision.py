@@ -53,18 +53,23 @@ class VisionEncoder(nn.Module):
     def _buckets(self, size) -> torch.Tensor:
         return self.buckets[size, :size]
 
-    @staticmethod
-    def _attend(attn, x: torch.Tensor) -> torch.Tensor:
+    def _attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """Full bidirectional attention of x [N, S, D] (N independent sequences) with attn's weights."""
         N, S, D = x.shape
         nh = attn.num_heads
         hd = D // nh
-        q = attn.q_proj(x).view(N, S, nh, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(N, S, nh, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(N, S, nh, hd).transpose(1, 2)
-        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scaling, dim=-1)
-        o = torch.matmul(p, v).transpose(1, 2).reshape(N, S, D)
-        return attn.out_proj(o)
+        q = attn.q_proj(x).view(N, S, nh, hd)
+        k = attn.k_proj(x).view(N, S, nh, hd)
+        v = attn.v_proj(x).view(N, S, nh, hd)
+        return attn.out_proj(self._sdpa(q, k, v, attn.scaling).reshape(N, S, D))
+
+    @staticmethod
+    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention over [N, S, heads, d] -> [N, S, heads, d], as explicit matmuls (exporters may swap in
+        a fused kernel: ExecuTorch's plans no S x S tensor)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+        return torch.matmul(p, v).transpose(1, 2)
 
     def _layer(self, layer, x: torch.Tensor) -> torch.Tensor:
         x = x + self._attend(layer.self_attn, layer.layer_norm1(x))
