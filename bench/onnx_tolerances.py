@@ -1,10 +1,11 @@
-"""Measure what an ONNX export's arithmetic costs beyond its weights' types, on checkpoints of many shapes.
+"""Measure what an ONNX (or ExecuTorch) export's arithmetic costs beyond its weights' types, on checkpoints
+of many shapes.
 
-    python bench/onnx_tolerances.py [--seeds 1,2,3] [--presets tiny,tiny-alt] [--quants fp16,int4]
-                                    [--scenarios quick] [--json FILE]
+    python bench/onnx_tolerances.py [--format onnx|executorch] [--seeds 1,2,3] [--presets tiny,tiny-alt]
+                                    [--quants fp16,int4 | 8da4w,8da8w] [--scenarios quick] [--json FILE]
 
 For each checkpoint (the presets and drawn checkpoints, convert/synth/draw.py) it exports every
-quant with `python -m convert onnx`'s code, validates it with `run_validation`, and records per
+quant with `python -m convert onnx`'s (or `executorch`'s, both modes) code, validates it with `run_validation`, and records per
 scenario the conversion KL against the fake-quant reference divided by that reference's own KL from
 fp32 (mean and p99), and the worst projector cosine. `recipes/tolerances.json` (conversion.by_type)
 takes its limits from these figures; the README says which.
@@ -23,19 +24,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the project on sys.path)
 
 
-def one(ckpt_dir: Path, label: str, quants: list[str], scenarios: str, work: Path) -> list[dict]:
-    from convert.checkpoint import Checkpoint
+def _export(fmt: str, ckpt, out: Path, q: str):
+    if fmt == "executorch":
+        from convert.executorch.export import export_executorch
+        from validate.executorch_artifact import read_executorch
+
+        export_executorch(ckpt, out, quant=q, mode="both", force=True, quiet=True)
+        return read_executorch(out)
     from convert.onnx.export import export_onnx
-    from validate.harness import Profile, run_validation
     from validate.onnx_artifact import read_onnx
+
+    export_onnx(ckpt, out, quant=q, mode="both", force=True, quiet=True)
+    return read_onnx(out)
+
+
+def one(ckpt_dir: Path, label: str, quants: list[str], scenarios: str, work: Path, fmt: str = "onnx") -> list[dict]:
+    from convert.checkpoint import Checkpoint
+    from validate.harness import Profile, run_validation
     from validate.scenarios import load_scenarios
 
     ckpt = Checkpoint(ckpt_dir)
     rows = []
     for q in quants:
-        out = work / f"{label}-{q}"
-        export_onnx(ckpt, out, quant=q, mode="both", force=True, quiet=True)
-        rep = run_validation(ckpt, [read_onnx(out)], load_scenarios(scenarios), profile=Profile(threads=2),
+        art = _export(fmt, ckpt, work / f"{label}-{q}", q)
+        rep = run_validation(ckpt, [art], load_scenarios(scenarios), profile=Profile(threads=2),
                              quiet=True, speed_anchor=False, speed=False)
         row = rep["artifacts"][0]
         for sc in row["scenarios"]:
@@ -61,10 +73,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--presets", default="tiny,tiny-alt")
-    ap.add_argument("--quants", default="fp16,int4")
+    ap.add_argument("--format", default="onnx", choices=["onnx", "executorch"])
+    ap.add_argument("--quants", help="default fp16,int4 (onnx) or 8da4w,8da8w (executorch)")
     ap.add_argument("--scenarios", default="quick")
     ap.add_argument("--json")
     a = ap.parse_args()
+    a.quants = a.quants or ("8da4w,8da8w" if a.format == "executorch" else "fp16,int4")
     from convert.synth.build import build_synthetic
     from convert.synth.draw import draw_preset
 
@@ -76,7 +90,7 @@ def main() -> int:
         for label, preset, seed in jobs:
             d = work / label
             build_synthetic(preset, d, seed=seed, report=False, quiet=True)
-            rows += one(d, label, a.quants.split(","), a.scenarios, work)
+            rows += one(d, label, a.quants.split(","), a.scenarios, work, a.format)
             if a.json:  # after every checkpoint: a crash later keeps what was measured
                 Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
     for q in a.quants.split(","):

@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
     e.add_argument("--quant", default="8da4w", help="decoder linears: 8da4w (default; int8 dynamic activations, int4 "
                    "weights, group 32), 8da8w or fp32")
-    e.add_argument("--vision-quant", default="fp32", help="vision tower and merger: fp32 (default) or 8da8w")
+    e.add_argument("--vision-quant", help="vision tower and merger: fp32 or 8da8w (default: fp32 with --quant fp32, "
+                   "else 8da8w)")
     e.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default), 4x or both "
                    "(both: vision_encoder is 16x, vision_encoder_4x beside it)")
     e.add_argument("--max-context", type=int, default=4096, help="positions the K/V cache holds (default 4096)")

@@ -10,7 +10,10 @@ position's logits (`full_logits = False`): the pipeline ends a call at every row
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,23 @@ def pte_file(folder: Path) -> tuple[Path, dict]:
     if not path.is_file():
         raise ConvertError(f"{folder}: missing {info['file']}")
     return path, info
+
+
+@contextlib.contextmanager
+def quiet_native():
+    """ExecuTorch's C++ runtime and kernels log to file descriptor 2 (a failed load's reason, 'No temp
+    allocator provided' per eager custom-op call, cpuinfo probes): keep that off the user's stderr, whose
+    contract is one `error:` line."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def load_kernels() -> None:
@@ -61,7 +81,8 @@ class EtEngine(Engine):
             _unsafe_reset_threadpool(int(n_threads))
         self.torch = torch
         try:
-            self.program = Runtime.get().load_program(str(pte))
+            with quiet_native():
+                self.program = Runtime.get().load_program(str(pte))
             self._methods = {name: self.program.load_method(name)
                              for name in ("token_embedding", "text_decoder")}
             self.max_seq_len = int(self._constant("get_max_seq_len"))

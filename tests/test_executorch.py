@@ -154,7 +154,8 @@ def test_harness_quick(et_dirs, tiny_dir):
 
 def test_runner_generates_the_same_tokens(et_dirs, tiny_dir):
     """ExecuTorch's own MultimodalRunner (C++, through its Python binding) loads the .pte with the
-    tokenizer and generates greedily what runtimes/executorch.py generates, for a text prompt."""
+    tokenizer and generates greedily what runtimes/executorch.py generates, for a text prompt and for an
+    image prompt (each preprocessed slice an image input of the runner)."""
     code = Path(__file__).with_name("et_runner_check.py")
     out = subprocess.run([sys.executable, str(code), str(et_dirs("8da4w")), "12"], capture_output=True, text=True,
                          timeout=600)
@@ -162,6 +163,7 @@ def test_runner_generates_the_same_tokens(et_dirs, tiny_dir):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["text"]["runner"] == res["text"]["ours"], res
     assert len(res["text"]["ours"]) > 0
+    assert res["image"]["runner"] == res["image"]["ours"] and res["image"]["slices"] > 1, res
 
 
 def test_cli_bad_input(tmp_path, tiny_dir, et_dirs):
@@ -189,3 +191,21 @@ def test_cli_bad_input(tmp_path, tiny_dir, et_dirs):
                            text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().startswith("error:") and words in r.stderr, r.stderr[-500:]
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_quant_layouts_follow_widths():
+    """8da4w puts int4 groups of 32 where the input width allows and int8 per channel elsewhere (XNNPACK's
+    4-bit kernels need widths that are multiples of 32; tiny-alt has a 600-wide linear)."""
+    import torch
+    from torch import nn
+
+    from convert.executorch.quant import quantize_linears
+
+    m = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(600, 16, bias=False))
+    x = torch.randn(3, 64)
+    w = m[0].weight.detach().clone()
+    schemes = quantize_linears(m, "8da4w")
+    assert schemes == {"0": "8da4w group 32", "1": "8da8w per channel"}
+    # the quantized layer computes the int4-rounded weight on int8-rounded activations: close, not equal
+    got, want = m[0](x), x @ w.T
+    assert not torch.equal(got, want) and torch.allclose(got, want, atol=0.1 * want.abs().max().item())

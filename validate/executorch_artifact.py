@@ -55,6 +55,7 @@ class ExecutorchArtifact:
 
     @property
     def mmproj(self) -> dict[str, _Projector]:
+        # the projector tolerance of the nearest GGUF type: int8 weights (and activations) ~ Q8_0
         label = "F32" if self.et.get("vision_quant", "fp32") == "fp32" else "Q8_0"
         return {m: _Projector(self.pte, label) for m in self.et.get("modes", ["16x"])}
 
@@ -115,12 +116,13 @@ def read_executorch(folder: str | Path) -> ExecutorchArtifact:
 
 def _program_facts(pte: Path) -> dict:
     """Method names, constant values and the decoder's tensor metadata, by ExecuTorch's loader."""
-    from runtimes.executorch import load_kernels
+    from runtimes.executorch import load_kernels, quiet_native
 
     load_kernels()
     from executorch.runtime import Runtime
 
-    prog = Runtime.get().load_program(str(pte))
+    with quiet_native():
+        prog = Runtime.get().load_program(str(pte))
     names = set(prog.method_names)
     consts = {}
     for c in CONSTANTS:

@@ -18,11 +18,8 @@ then holds one row of the 248k vocabulary instead of 512.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -48,7 +45,14 @@ def pte_name(quant: str, mode: str) -> str:
     return f"{MODEL_NAME}{'-4x' if mode == '4x' else ''}-{quant}.pte"
 
 
-def check_options(quant: str, mode: str, vision_quant: str, max_context: int, max_seq_len: int) -> list[str]:
+def vision_quant_for(quant: str, vision_quant: str | None) -> str:
+    """--vision-quant's default: fp32 beside an fp32 decoder, 8da8w beside a quantized one (a quarter of
+    fp32's bytes; the phone apps ship a 16-bit projector, and XNNPACK has no fp16 on most CPUs' paths)."""
+    return vision_quant or ("fp32" if quant == "fp32" else "8da8w")
+
+
+def check_options(quant: str, mode: str, vision_quant: str | None, max_context: int, max_seq_len: int) -> list[str]:
+    vision_quant = vision_quant_for(quant, vision_quant)
     if quant not in QUANTS:
         raise ConvertError(f"--quant {quant!r} is not supported for ExecuTorch; choose one of {', '.join(QUANTS)}")
     if vision_quant not in VISION_QUANTS:
@@ -69,24 +73,6 @@ def _imports():
         from executorch.exir import to_edge_transform_and_lower  # noqa: F401
     except ImportError as e:
         raise ConvertError(f"ExecuTorch export needs the executorch extra (pip install -e '.[executorch]'): {e}") from None
-
-
-@contextlib.contextmanager
-def _quiet_native(quiet: bool):
-    """ExecuTorch's and torchao's C++ libraries log to fd 2; silence them unless asked for progress."""
-    if not quiet:
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 class _Features(nn.Module):
@@ -171,7 +157,7 @@ def delegation_report(edge) -> dict:
 
 
 def export_executorch(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "8da4w", mode: str = "16x",
-                      vision_quant: str = "fp32", max_context: int = DEFAULT_CONTEXT, max_seq_len: int = DEFAULT_SEQ,
+                      vision_quant: str | None = None, max_context: int = DEFAULT_CONTEXT, max_seq_len: int = DEFAULT_SEQ,
                       force: bool = False, quiet: bool = False) -> Path:
     """Write the folder; returns the .pte path."""
     _imports()
@@ -180,6 +166,7 @@ def export_executorch(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "8d
     from runtimes.reference import load_reference_model
 
     modes = check_options(quant, mode, vision_quant, max_context, max_seq_len)
+    vision_quant = vision_quant_for(quant, vision_quant)
     out_dir = Path(out_dir)
     check_out_dir(ckpt, out_dir, force)
 
@@ -190,14 +177,17 @@ def export_executorch(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "8d
     hf = load_reference_model(ckpt, quiet=quiet)
     notes = []
     carried = getattr(ckpt, "method", None)
-    if carried:  # torchao's int4 layout has its own scales: a GPTQ/AWQ folder's integers are re-quantized
-        notes.append(f"{carried} source: its dequantized weights re-quantized by torchao ({quant}); "
-                     f"the integers are not carried over")
+    if carried:  # XNNPACK's 4-bit block weights are symmetric; GPTQ / AWQ integers come with zero points
+        notes.append(f"{carried} source: its dequantized weights are re-quantized by torchao ({quant}); its "
+                     f"integers are not carried over (they have zero points; XNNPACK's 4-bit blocks are symmetric)")
         log(f"note: {notes[-1]}")
-    with _quiet_native(quiet):
+    from runtimes.executorch import quiet_native
+
+    with quiet_native():  # ExecuTorch's C++ logs to fd 2 (and eager custom ops complain per call)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
         from .quant import quantize_model
 
@@ -211,6 +201,9 @@ def export_executorch(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "8d
         log(f"  lowered to XNNPACK in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         prog = edge.to_executorch(ExecutorchBackendConfig(
+            # the Gated DeltaNet states start as serialized zeros (a few MB); the K/V caches, only ever read
+            # below the current position, start as whatever the arena holds
+            passes=[InitializedMutableBufferPass(["conv_state_", "recurrent_state_"])],
             do_quant_fusion_and_const_prop=True, extract_delegate_segments=True, emit_mutable_buffer_names=True,
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True)))
         data = prog.buffer

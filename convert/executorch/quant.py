@@ -6,7 +6,8 @@ of the harness (validate/references.py), so the two differ only by the kernels t
 - `8da4w`: every decoder Linear (LM head included) with int8 dynamic per-token activations and int4
   weights in groups of 32 (torchao's `Int8DynamicActivationIntxWeightConfig`, the layout XNNPACK's
   dynamically-quantized fully-connected kernels take); a Linear whose input width is not a multiple
-  of 32 gets int4 per output channel instead (optimum-executorch's fallback).
+  of 32 gets int8 weights per output channel instead (XNNPACK's 4-bit weights, blockwise or per
+  channel, need widths that are multiples of 32; its int8 per-channel kernel takes any width).
 - `8da8w`: the same with int8 weights per output channel.
 - The token embedding of a quantized export: int8 weights per row (`IntxWeightOnlyConfig`).
 - The vision tower: fp32, or `8da8w` with `vision_quant="8da8w"`.
@@ -28,8 +29,7 @@ def _linear_config(quant: str, in_features: int):
 
     if quant == "8da4w" and in_features % GROUP == 0:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP))
-    bits = torch.int4 if quant == "8da4w" else torch.int8
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=bits, weight_granularity=PerAxis(0))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
 
 
 def quantize_linears(module: nn.Module, quant: str) -> dict[str, str]:
@@ -48,7 +48,7 @@ def quantize_linears(module: nn.Module, quant: str) -> dict[str, str]:
 
         names = [n for n, m in module.named_modules() if pick(m, n)]
         quantize_(module, cfg, filter_fn=pick)
-        scheme = f"{quant} group {GROUP}" if quant == "8da4w" and width % GROUP == 0 else f"{quant} per channel"
+        scheme = f"8da4w group {GROUP}" if quant == "8da4w" and width % GROUP == 0 else "8da8w per channel"
         done.update({n: scheme for n in names})
     return done
 
