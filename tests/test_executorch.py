@@ -209,3 +209,17 @@ def test_quant_layouts_follow_widths():
     # the quantized layer computes the int4-rounded weight on int8-rounded activations: close, not equal
     got, want = m[0](x), x @ w.T
     assert not torch.equal(got, want) and torch.allclose(got, want, atol=0.1 * want.abs().max().item())
+
+
+@pytest.mark.slow
+def test_fp32_every_default_scenario(et_dirs, tiny_dir):
+    """fp32 `.pte` (both modes) on every default scenario, video included, within the fp32 rules."""
+    from validate.executorch_artifact import read_executorch
+    from validate.harness import Profile, run_validation
+    from validate.scenarios import load_scenarios
+
+    rep = run_validation(Checkpoint(tiny_dir), [read_executorch(et_dirs("fp32", "both"))], load_scenarios("default"),
+                         profile=Profile(threads=2), quiet=True, speed_anchor=False, speed=False)
+    a = rep["artifacts"][0]
+    assert a["status"] == "pass", json.dumps(a.get("failures"), indent=1)[:2000]
+    assert {s["scenario"] for s in a["scenarios"] if s["status"] == "pass"} >= {"video-frames", "image-448-4x", "text-chat"}

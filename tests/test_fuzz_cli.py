@@ -74,8 +74,8 @@ def _summary(request):
     if not total:
         return
     lines = [f"fuzz (seed {SEED}): {sum(total.values())} runs: " +
-             ", ".join(f"{total[k]} exit {k}" for k in sorted(total))]
-    lines += [f"  {fam}: {sum(c.values())} runs: " + ", ".join(f"{c[k]} exit {k}" for k in sorted(c))
+             ", ".join(f"{total[k]} exit {k}" for k in sorted(total, key=str))]
+    lines += [f"  {fam}: {sum(c.values())} runs: " + ", ".join(f"{c[k]} exit {k}" for k in sorted(c, key=str))
               for fam, c in COUNTS.items()]
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
