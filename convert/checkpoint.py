@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from .errors import ConvertError
 from .spec import ModelSpec
 
 # safetensors dtype -> (numpy dtype, itemsize); BF16 is read as raw uint16 and widened on demand.
+_MAP_LOCK = threading.Lock()
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -155,8 +157,11 @@ class Checkpoint:
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
-            with open(file, "rb") as f:
-                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with _MAP_LOCK:  # the GGUF writer reads from several threads
+                mm = self._maps.get(file)
+                if mm is None:
+                    with open(file, "rb") as f:
+                        mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return mm
 
     def raw(self, name: str) -> np.ndarray:
@@ -173,19 +178,31 @@ class Checkpoint:
         if rows is not None:
             a = a[rows]
         out = (a.astype(np.uint32) << 16).view(np.float32) if ti.dtype == "BF16" else a.astype(np.float32)
-        self.release(name)
+        self.release(name, rows)
         return out
 
-    def release(self, name: str) -> None:
-        """Drop this tensor's file pages from the process (they stay in the page cache), so peak
-        memory stays near the largest chunk in flight rather than the checkpoint's size."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop this tensor's file pages (or those of a range of its rows) from the process (they
+        stay in the page cache), so peak memory stays near the data in flight rather than the
+        checkpoint's size. Only whole pages inside the range are dropped, so a neighbour being read
+        by another thread keeps its pages."""
         ti = self._infos[name]
         mm = self._maps.get(ti.file)
         if mm is None or not hasattr(mm, "madvise"):
             return
-        start = ti.offset - ti.offset % mmap.PAGESIZE
+        lo, hi = ti.offset, ti.offset + ti.nbytes
+        if rows is not None and ti.shape:
+            row = ti.nbytes // max(ti.shape[0], 1)
+            r0, r1, _ = rows.indices(ti.shape[0])
+            lo, hi = ti.offset + r0 * row, ti.offset + r1 * row
+            lo += -lo % mmap.PAGESIZE  # round inwards
+        else:
+            lo -= lo % mmap.PAGESIZE
+        hi -= hi % mmap.PAGESIZE if rows is not None else 0
+        if hi <= lo:
+            return
         try:
-            mm.madvise(mmap.MADV_DONTNEED, start, ti.offset + ti.nbytes - start)
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         except (OSError, ValueError):
             pass
 

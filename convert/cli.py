@@ -87,6 +87,8 @@ def cmd_gguf(args) -> int:
     args.quant = args.quant or args.outtype or "f16"
     if args.max_kl is not None and not args.max_kl > 0:
         raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
+    if args.quant_threads is not None and args.quant_threads < 1:
+        raise ConvertError(f"--quant-threads {args.quant_threads}: must be at least 1")
     overrides = _overrides(args)
     check_validation_args(args)
     ckpt = open_model(args)
@@ -97,7 +99,8 @@ def cmd_gguf(args) -> int:
         return 0
     paths = export_gguf(ckpt, out, quant=args.quant, mode=args.mode, force=args.force,
                         allow_nonfinite=args.allow_nonfinite, quiet=args.quiet, name=args.name,
-                        mmproj_quant=args.mmproj_quant, overrides=overrides, imatrix=args.imatrix)
+                        mmproj_quant=args.mmproj_quant, overrides=overrides, imatrix=args.imatrix,
+                        quantizer=args.quantizer, threads=args.quant_threads)
     for p in paths:
         print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
     print(f"wrote {out / 'manifest.json'}")
@@ -237,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--awq-source", help="--model is an AWQ folder: its full-precision source checkpoint, if not where "
                    "the folder's manifest.json says (the folded weights are rebuilt from it)")
     g.add_argument("--imatrix", help="importance matrix (llama.cpp's imatrix GGUF or .dat; see `python -m quantize imatrix`)")
+    g.add_argument("--quantizer", choices=["auto", "kquants", "ggml"],
+                   help="block quantizer: kquants (this project's port, its searches compiled by numba), ggml (llama.cpp's "
+                        "own C, from llama-cpp-python) or auto (default: kquants with numba, else ggml where it loads); "
+                        "the same bytes; the manifest says which ran")
+    g.add_argument("--quant-threads", type=int, help="quantizing threads (default: every core; 1 for kquants without numba)")
     g.add_argument("--dry-run", action="store_true", help="print every tensor's type, size and bits per weight; write nothing")
     g.add_argument("--mode", default="16x", help="projector downsample mode: 16x (default), 4x or both")
     g.add_argument("--out", help="output folder (default ./out/<model name>)")

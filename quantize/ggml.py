@@ -1,11 +1,24 @@
 """Encoding float32 arrays into ggml tensor types, byte for byte as llama.cpp does.
 
 F32/F16/BF16 come from numpy / gguf-py (numpy's float32->float16 cast is round-to-nearest-even,
-as ggml's). The block types (Q8_0, Q4_0..Q5_1, Q2_K..Q6_K) go through quantize.kquants, a numpy port
-of ggml_quantize_chunk that writes the same bytes, with or without an importance matrix.
+as ggml's). The block types (Q8_0, Q4_0..Q5_1, Q2_K..Q6_K) go through one of two quantizers that write the same
+bytes, with or without an importance matrix:
+
+* "kquants": this project's port (quantize/kquants*.py): numpy, with the k-quant scale searches
+  compiled by numba (kquants_jit.py: every group an independent SIMD lane doing C's exact scalar
+  sequence), which makes it 2-3x faster than ggml's own C per thread; plain numpy where numba is
+  missing. The tests hold both forms to ggml's bytes.
+* "ggml": llama.cpp's own `ggml_quantize_chunk`, from the libggml-base that llama-cpp-python installs
+  (quantize.ggml_ref), the code `llama_model_quantize` runs (ctypes releases the GIL, so threads
+  quantize in parallel).
+
+"auto" (the default; $MINICPMV_QUANTIZER overrides): kquants where numba is installed, else ggml
+where it loads, else kquants in plain numpy.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -23,6 +36,60 @@ def ggml_dims(shape) -> tuple[int, ...]:
     while len(shape) > 1 and shape[0] == 1:
         shape = shape[1:]
     return shape
+QUANTIZERS = ("auto", "kquants", "ggml")
+
+
+def resolve_quantizer(name: str | None = None) -> str:
+    """"kquants" or "ggml" for a requested name (None: $MINICPMV_QUANTIZER, else auto)."""
+    from . import ggml_ref, kquants_jit
+
+    name = (name or os.environ.get("MINICPMV_QUANTIZER") or "auto").lower()
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {name!r} (choose from {', '.join(QUANTIZERS)})")
+    if name == "auto":
+        return "kquants" if kquants_jit.available() or not ggml_ref.available() else "ggml"
+    if name == "ggml":
+        ggml_ref.library_path()  # raises GgmlRefUnavailable with the reason
+        if not ggml_ref.available():
+            raise ggml_ref.GgmlRefUnavailable(f"cannot load {ggml_ref.library_path()}")
+    return name
+
+
+def describe_quantizer(name: str) -> dict:
+    """What the manifest records about the quantizer that ran."""
+    from . import ggml_ref
+
+    if name == "ggml":
+        from importlib.metadata import version
+
+        return {"name": "ggml", "function": "ggml_quantize_chunk", "library": ggml_ref.library_path().name,
+                "from": f"llama-cpp-python {version('llama-cpp-python')}"}
+    from . import kquants_core, kquants_jit
+
+    if kquants_jit.available() and kquants_core.use_jit():
+        from importlib.metadata import version
+
+        return {"name": "kquants", "function": "quantize.kquants.quantize", "searches": f"numba {version('numba')}"}
+    return {"name": "kquants", "function": "quantize.kquants.quantize", "searches": "numpy"}
+
+
+def default_threads(quantizer: str) -> int:
+    """Quantizing threads: $MINICPMV_QUANT_THREADS if set; else every core for ggml's C and the
+    numba-compiled searches (both run outside the GIL), one for plain numpy (its small ufunc calls
+    contend for the GIL)."""
+    from . import kquants_core, kquants_jit
+
+    env = os.environ.get("MINICPMV_QUANT_THREADS")
+    if env:
+        return max(1, int(env))
+    if quantizer == "ggml" or (kquants_jit.available() and kquants_core.use_jit()):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    return 1
+
+
 # Types this module can write.
 SUPPORTED = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
              T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
@@ -43,12 +110,14 @@ def nbytes(qtype: T, shape: tuple[int, ...]) -> int:
     return n // bs * ts
 
 
-def encode(a: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+def encode(a: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, *, quantizer: str | None = None,
+           threads: int | None = None) -> np.ndarray:
     """float32 array -> its stored form (float32/float16 arrays, or raw bytes as uint8).
 
     Block types quantize along the last axis (ggml rows), byte for byte as ggml_quantize_chunk;
     `imatrix` (float32, one value per element of a row) selects ggml's importance-weighted path
     (ignored for F32/F16/BF16 and, as in ggml, for Q8_0). The result keeps the leading axes.
+    quantizer: "kquants", "ggml" or "auto"/None (resolve_quantizer); threads: kquants' worker threads (ggml's runs in the calling thread; the GGUF writer parallelises over chunks).
     """
     a = np.ascontiguousarray(a, dtype=np.float32)
     if qtype == T.F32:
@@ -59,7 +128,12 @@ def encode(a: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.nda
         raise ValueError(f"ggml type {qtype.name} is not supported for writing")
     if qtype in _kq.TYPES:
         rows = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-        q = _kq.quantize(rows, qtype, imatrix)
+        if resolve_quantizer(quantizer) == "ggml":
+            from . import ggml_ref
+
+            q = ggml_ref.quantize_chunk(rows, qtype, None if qtype == T.Q8_0 else imatrix)
+        else:
+            q = _kq.quantize(rows, qtype, imatrix, threads=threads)
         return q.reshape(*a.shape[:-1], q.shape[-1])
     return _q.quantize(a, qtype)
 

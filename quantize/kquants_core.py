@@ -14,9 +14,19 @@ change nothing either. The loop stops early once a pass changes no group at all.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from . import kquants_jit as _jit
+
 F32 = np.float32
+
+
+def use_jit() -> bool:
+    """The compiled searches, unless $MINICPMV_KQUANTS_JIT=0 (the tests use it to hold the plain numpy
+    code to ggml's bytes as well)."""
+    return os.environ.get("MINICPMV_KQUANTS_JIT", "1") != "0"
 GROUP_MAX_EPS = F32(1e-15)
 _MAGIC = F32(12582912.0)
 
@@ -129,7 +139,10 @@ def qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     x, w: float32 (n, G). Returns L uint8 (n, G), scale (G,), the_min (G,) (= -min).
     The levels of a step are a function of that step's (iscale, min) only, so instead of copying
     levels on every improvement the winning (iscale, min) pair is kept and L recomputed once.
+    Finite data goes to the compiled twin (kquants_jit) where numba is installed.
     """
+    if _jit.available() and use_jit() and np.isfinite(x).all() and np.isfinite(w).all():
+        return _jit.qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad)
     mn = c_min(x)
     xmin = mn.copy()
     mx = c_max(x)
@@ -198,6 +211,8 @@ def qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarra
 
     As in qkx_quants, the winning iscale is kept and the levels recomputed once at the end.
     """
+    if _jit.available() and use_jit() and np.isfinite(x).all() and (w is None or np.isfinite(w).all()):
+        return _jit.qx_quants(x, nmax, w)
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     if w is None:

@@ -20,6 +20,17 @@ if not ggml_ref.available():  # pragma: no cover
     pytest.skip("libggml-base from llama-cpp-python not loadable", allow_module_level=True)
 
 KTYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K]
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def searches(request, monkeypatch):
+    """Every test twice: the scale searches compiled by numba (kquants_jit) and in plain numpy."""
+    from quantize import kquants_jit
+
+    if request.param == "numba" and not kquants_jit.available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("MINICPMV_KQUANTS_JIT", "1" if request.param == "numba" else "0")
+    return request.param
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 N = 512  # values per row (two super-blocks)
 ROWS = 6  # rows per data set
@@ -123,6 +134,7 @@ def test_exact_rounding_fallback(qtype, monkeypatch):
     from quantize import kquants_core
 
     monkeypatch.setattr(kquants_core, "_RINT_SAFE", np.float32(-1e30))
+    monkeypatch.setenv("MINICPMV_KQUANTS_JIT", "0")  # the fallback is numpy's; numba always takes the bit trick
     x = STACK[::3]
     for im in (None, IMAT["lognormal"]):
         assert np.array_equal(kquants.quantize(x, qtype, im), ggml_ref.quantize_chunk(x, qtype, im))
@@ -160,12 +172,14 @@ def test_encode_routes_to_kquants():
     for qtype in KTYPES + LEGACY:
         assert qtype in ggml.SUPPORTED
         for imat in (None, im):
-            assert np.array_equal(ggml.encode(x, qtype, imatrix=imat), ggml_ref.quantize_chunk(x, qtype, imat))
+            for q in ("kquants", "ggml"):  # this project's port and llama.cpp's own code, through encode
+                assert np.array_equal(ggml.encode(x, qtype, imatrix=imat, quantizer=q),
+                                      ggml_ref.quantize_chunk(x, qtype, imat)), (qtype.name, q)
         y = ggml.decode(ggml.encode(x, qtype), qtype, x.shape)
         assert y.shape == x.shape
     # 3-D tensors: rows are the last axis
     x3 = x.reshape(2, 2, 512)
-    assert np.array_equal(ggml.encode(x3, T.Q4_K).reshape(4, -1), ggml_ref.quantize_chunk(x, T.Q4_K))
+    assert np.array_equal(ggml.encode(x3, T.Q4_K, quantizer="kquants").reshape(4, -1), ggml_ref.quantize_chunk(x, T.Q4_K))
     assert np.array_equal(ggml.encode(x, T.F16), x.astype(np.float16))
 
 

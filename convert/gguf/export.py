@@ -12,6 +12,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
+from quantize import ggml
 from quantize.ggml import SUPPORTED, fits
 from quantize.mixtures import MIXTURES, Mixture, Overrides, TypeChooser
 
@@ -23,6 +24,7 @@ from .plan import TensorPlan, build_plan
 from .writer import write_gguf
 
 BASENAME = "MiniCPM-V-4.6"
+BLOCK_TYPES = SUPPORTED - {T.F32, T.F16, T.BF16}
 FLOATS = {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16), "bf16": (T.BF16, F.MOSTLY_BF16)}
 
 
@@ -176,8 +178,16 @@ def load_imatrix(path: str | Path, plans: list[TensorPlan]):
 def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: str = "16x", force: bool = False,
                 allow_nonfinite: bool = False, quiet: bool = False, name: str | None = None,
                 mmproj_quant: str | None = None, overrides: Overrides | None = None,
-                imatrix: str | Path | None = None) -> list[Path]:
+                imatrix: str | Path | None = None, quantizer: str | None = None, threads: int | None = None,
+                profile=None) -> list[Path]:
+    """quantizer: "kquants" (this project's port), "ggml" (llama.cpp's C, from llama-cpp-python) or None/"auto"; the bytes are
+    the same either way, the manifest records which ran. threads: quantizing threads (default: every
+    core for ggml, one for numpy; $MINICPMV_QUANT_THREADS)."""
     out_dir = Path(out_dir)
+    try:
+        quantizer = ggml.resolve_quantizer(quantizer)
+    except (ValueError, RuntimeError) as e:
+        raise ConvertError(str(e)) from None
     if imatrix is not None and parse_quant(quant).mixture is None:
         raise ConvertError(f"--imatrix needs a quantized --quant mixture (e.g. Q4_K_M), not {quant}")
     outputs = plan_outputs(ckpt, out_dir, quant, mode, mmproj_quant=mmproj_quant, overrides=overrides,
@@ -196,9 +206,12 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
             arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35] if o.kind == "decoder" else "clip"
             write_gguf(stage, arch, o.plans, ckpt, _metadata(ckpt, o, name, imat_keys), quiet=quiet,
                        allow_nonfinite=allow_nonfinite, desc=o.path.name,
-                       imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None))
+                       imatrix_for=(lambda p: imat.get(p.name)) if o.kind == "decoder" else (lambda p: None),
+                       quantizer=quantizer, threads=threads, profile=profile)
             staged.append((stage, o.path))
             extra = {"overrides": overrides.describe()} if overrides and overrides.describe() and o.kind == "decoder" else {}
+            if any(p.qtype in BLOCK_TYPES for p in o.plans):
+                extra["quantizer"] = ggml.describe_quantizer(quantizer)
             entries.append({**manifest.artifact_entry(stage, kind=o.kind, format="gguf", quant=o.quant.label,
                                                       mode=o.mode, n_tensors=len(o.plans), **extra),
                             "file": o.path.name})
