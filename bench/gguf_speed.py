@@ -177,7 +177,7 @@ def main() -> int:
                 "wall_s": round(t, 1), "harness_peak_rss_bytes": int(rss_file.read_text()),
                 "runtime_peak_rss_mb": max(a.get("peak_rss_mb") or 0 for a in rep["artifacts"]),
                 "verdicts": {a["name"]: a["status"] for a in rep["artifacts"]},
-                "figures": {a["name"]: [{k: s.get(k) for k in ("scenario", "status", "kl_mean", "top1_agreement")}
+                "figures": {a["name"]: [{"scenario": s["scenario"], "status": s["status"], "metrics": s.get("metrics")}
                                         for s in a["scenarios"]] for a in rep["artifacts"]}})
             v = res["validation"][-1]
             print(f"validation run {i + 1}: {t:.1f} s, harness peak RSS {v['harness_peak_rss_bytes'] / 1e9:.2f} GB, "
