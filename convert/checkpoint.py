@@ -181,6 +181,11 @@ class Checkpoint:
         self.release(name, rows)
         return out
 
+    def rows_are_cheap(self, name: str) -> bool:
+        """Whether reading a range of this tensor's rows costs only those rows (stored tensors: yes;
+        subclasses that compute a tensor whole say no, and writers then read it in one piece)."""
+        return True
+
     def release(self, name: str, rows: slice | None = None) -> None:
         """Drop this tensor's file pages (or those of a range of its rows) from the process (they
         stay in the page cache), so peak memory stays near the data in flight rather than the

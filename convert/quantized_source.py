@@ -352,9 +352,12 @@ class QuantizedCheckpoint(Checkpoint):
         """Stored tensors as in Checkpoint; computed ones (offset -1) as a fresh float32 array."""
         return self.tensor(name) if self._computed(name) else super().raw(name)
 
-    def release(self, name: str) -> None:
+    def rows_are_cheap(self, name: str) -> bool:
+        return not self._computed(name)  # unpacked (or folded) whole on every read
+
+    def release(self, name: str, rows: slice | None = None) -> None:
         if not self._computed(name):
-            super().release(name)
+            super().release(name, rows)
 
     def copy_bytes(self, name: str, out, chunk: int = 64 << 20) -> None:
         if self._computed(name):

@@ -130,15 +130,15 @@ def test_missing_and_unknown_tensors(tmp_path, tiny_dir):
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_ckpt, monkeypatch):
     calls = {"n": 0}
-    real = writer.source_chunks
+    real = tiny_ckpt.tensor
 
-    def flaky(*a, **k):
+    def flaky(*a, **k):  # the writer's threads read through Checkpoint.tensor
         calls["n"] += 1
         if calls["n"] == 10:
             raise OSError(28, "No space left on device")
-        yield from real(*a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(writer, "source_chunks", flaky)
+    monkeypatch.setattr(tiny_ckpt, "tensor", flaky)
     out = tmp_path / "out"
     with pytest.raises(ConvertError, match="disk full"):
         export_gguf(tiny_ckpt, out, quiet=True)

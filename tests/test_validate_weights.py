@@ -13,7 +13,8 @@ from convert.gguf import transforms
 from convert.gguf.plan import build_plan
 from validate.gguf_diff import tensor_f32
 from validate.faults import raw, rewrite  # noqa: E402
-from validate.weights import artifact_kind, check_metadata, check_tensors, fake_quant_state_dict, load_fake_quant
+from validate.weights import (artifact_kind, check_metadata, check_tensors, fake_quant_state_dict, iter_fake_quant,
+                              load_fake_quant)
 
 
 def failures(results):
@@ -194,6 +195,14 @@ def test_fake_quant_reference(tiny_gguf, tiny_ckpt, reference):
         load_fake_quant(reference, prev)
     assert np.array_equal(reference.logits(tokens), fp32)  # restored
     assert logits_agreement(fp32, fq)["kl_mean"] > 0
+    # streamed one tensor at a time (what the harness's reference does): the same model
+    keep = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    try:
+        load_fake_quant(reference, iter_fake_quant(tiny_ckpt, [dec, mm["16x"]]), restore=False)
+        assert np.array_equal(reference.logits(tokens), fq)
+    finally:
+        reference.model.load_state_dict(keep)
+    assert np.array_equal(reference.logits(tokens), fp32)
     assert Counter(v.dtype for v in sd.values()) == Counter({sd[L + "embed_tokens.weight"].dtype: len(sd)})
 
 

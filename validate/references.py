@@ -40,12 +40,12 @@ class Reference:
     def fake_quant(cls, ckpt: Checkpoint, ggufs: list[Path], threads: int | None = None,
                    imatrix: str | Path | None = None) -> "Reference":
         from .cpu_numerics import emulate_matmul_inputs
-        from .weights import fake_quant_state_dict, load_fake_quant
+        from .weights import iter_fake_quant, load_fake_quant
 
         rt = ReferenceRuntime(ckpt, n_threads=threads)
         types: dict = {}
         orders: dict = {}
-        load_fake_quant(rt, fake_quant_state_dict(ckpt, ggufs, imatrix=imatrix, types=types, col_orders=orders),
+        load_fake_quant(rt, iter_fake_quant(ckpt, ggufs, imatrix=imatrix, types=types, col_orders=orders),
                         restore=False)
         embed = "model.language_model.embed_tokens.weight"
         if ckpt.spec.tie_word_embeddings and embed in types:

@@ -524,7 +524,14 @@ def check_metadata(ckpt: Checkpoint, gguf_path) -> list[str]:
 
 def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None,
                           col_orders: dict | None = None) -> dict:
-    """HF name -> torch float32 tensor: the source as each artifact's tensor type would store it.
+    """HF name -> torch float32 tensor: iter_fake_quant's tensors in one dict (later ones win)."""
+    return dict(iter_fake_quant(ckpt, gguf_paths, imatrix=imatrix, types=types, col_orders=col_orders))
+
+
+def iter_fake_quant(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None,
+                    col_orders: dict | None = None):
+    """(HF name, torch float32 tensor), one at a time: the source as each artifact's tensor type
+    would store it (a generator, so a reference can load them without a second copy of the model).
 
     Every non-F32 tensor of the given artifacts is re-quantized from the source after transforms
     with its own ggml type (and imatrix: passed, or found at the path the decoder records; without
@@ -539,7 +546,6 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: 
     """
     import torch
 
-    out = {}
     for path in [gguf_paths] if isinstance(gguf_paths, (str, Path)) else gguf_paths:
         path = Path(path)
         r, kv = _open(path)
@@ -561,46 +567,74 @@ def fake_quant_state_dict(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: 
                 continue
             if qt not in ggml.SUPPORTED:
                 raise ConvertError(f"{path.name}: tensor {t.name}: type {qt.name} cannot be fake-quantized here")
-            q = _requant(qt, vecs.get(p.name))(_whole(ckpt, p))
+            q = _requant_rows(ckpt, p, _requant(qt, vecs.get(p.name)))
             hf = transforms.invert(p.transforms, q, ckpt.spec, ckpt.info(p.source).shape)
-            out[p.source] = torch.from_numpy(np.ascontiguousarray(hf, dtype=np.float32))
+            yield p.source, torch.from_numpy(np.ascontiguousarray(hf, dtype=np.float32))
+
+
+def _requant_rows(ckpt: Checkpoint, p: TensorPlan, requant) -> np.ndarray:
+    """The tensor after its transforms, fake-quantized slice by slice of rows into one float32 array
+    (the 248k-row embedding never exists twice in float32 beside its quantized form)."""
+    out = None
+    r0 = 0
+    for chunk in source_chunks(ckpt, p, allow_nonfinite=True):
+        q = requant(chunk)
+        if out is None:
+            if q.shape == tuple(p.shape):
+                return q  # one chunk: the whole tensor
+            out = np.empty(p.shape, np.float32)
+        out[r0:r0 + len(q)] = q
+        r0 += len(q)
+        del chunk, q
     return out
 
 
-def _whole(ckpt: Checkpoint, p: TensorPlan) -> np.ndarray:
-    chunks = list(source_chunks(ckpt, p, allow_nonfinite=True))
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+def load_fake_quant(reference_runtime, state_dict, *, restore: bool = True) -> dict:
+    """Load `state_dict` (HF names; a dict, or an iterable of (name, tensor) pairs that is consumed
+    one tensor at a time) into the reference's transformers model; returns the replaced values, so
+    `load_fake_quant(rt, returned)` restores the model. With tied embeddings lm_head follows
+    embed_tokens (llama.cpp's output matmul reads the quantized token_embd too).
 
-
-def load_fake_quant(reference_runtime, state_dict: dict, *, restore: bool = True) -> dict:
-    """Load `state_dict` (HF names) into the reference's transformers model; returns the replaced
-    values, so `load_fake_quant(rt, returned)` restores the model. With tied embeddings lm_head
-    follows embed_tokens (llama.cpp's output matmul reads the quantized token_embd too).
-
-    restore=False keeps no copies and empties `state_dict` as it goes (tensors are copied into
-    the model in place): on the full-size model that is 10 GB less at the peak."""
+    restore=False keeps no copies and empties a dict as it goes (tensors are copied into the model
+    in place); with an iterable only one fake-quantized tensor exists besides the model at a time:
+    on the full-size model that is 5 GB less at the peak than building the whole dict first."""
     import torch
 
     model = reference_runtime.model
     own = model.state_dict()
-    sd = state_dict if not restore else dict(state_dict)
     embed = "model.language_model.embed_tokens.weight"
-    tied = (reference_runtime.ckpt.spec.tie_word_embeddings and embed in sd and "lm_head.weight" in own
-            and "lm_head.weight" not in sd)
-    unknown = [k for k in sd if k not in own]
-    if unknown:
-        raise ConvertError(f"{len(unknown)} fake-quantized tensor(s) the reference model does not have, e.g. {unknown[0]}")
-    bad = [k for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise ConvertError(f"fake-quantized {bad[0]} has shape {list(sd[bad[0]].shape)}, "
-                           f"the reference model's is {list(own[bad[0]].shape)}")
-    targets = {k: [k, "lm_head.weight"] if tied and k == embed else [k] for k in sd}
-    # copies first: a tied lm_head shares embed_tokens' storage, so copying one changes the other
-    previous = {t: own[t].detach().clone() for ts in targets.values() for t in ts} if restore else {}
+    tie = reference_runtime.ckpt.spec.tie_word_embeddings and "lm_head.weight" in own
+    if isinstance(state_dict, dict):
+        sd = state_dict if not restore else dict(state_dict)
+        _check_loadable(sd.items(), own)
+        tied = tie and embed in sd and "lm_head.weight" not in sd
+        items = ((k, sd.pop(k) if not restore else sd[k]) for k in list(sd))
+    else:
+        if restore:
+            raise ValueError("restore=True needs a dict")
+        items, tied = state_dict, None  # decided below: lm_head follows embed_tokens unless it comes itself
+    previous = {}
+    if restore:  # copies first: a tied lm_head shares embed_tokens' storage, so copying one changes the other
+        previous = {t: own[t].detach().clone() for k in sd for t in ([k, "lm_head.weight"] if tied and k == embed else [k])}
+    head_given = False
     with torch.no_grad():
-        for k in list(sd):
-            v = sd.pop(k) if not restore else sd[k]
-            for t in targets[k]:
-                own[t].copy_(v.to(own[t].dtype))  # shares storage with the parameter: in place
+        for k, v in items:
+            if not isinstance(state_dict, dict):
+                _check_loadable([(k, v)], own)
+            own[k].copy_(v.to(own[k].dtype))  # shares storage with the parameter: in place
+            head = own.get("lm_head.weight")
+            if (k == embed and tie and tied is not False and not head_given
+                    and head.data_ptr() != own[embed].data_ptr()):
+                head.copy_(v.to(head.dtype))  # an lm_head.weight given later overwrites it
+            head_given |= k == "lm_head.weight"
             del v
     return previous
+
+
+def _check_loadable(items, own: dict) -> None:
+    for k, v in items:
+        if k not in own:
+            raise ConvertError(f"fake-quantized tensor {k}: the reference model does not have it")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ConvertError(f"fake-quantized {k} has shape {list(v.shape)}, "
+                               f"the reference model's is {list(own[k].shape)}")

@@ -70,7 +70,7 @@ def source_chunks(ckpt: Checkpoint, p: TensorPlan, allow_nonfinite: bool = False
     """The float32 data of one planned tensor after its transforms, in row chunks, checked for NaN/Inf."""
     row_bytes = 4 * int(np.prod(p.shape[1:], dtype=np.int64)) if len(p.shape) > 1 else 4 * p.n_params
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    if p.transforms or len(p.shape) < 2 or p.shape[0] <= step:
+    if p.transforms or len(p.shape) < 2 or p.shape[0] <= step or not ckpt.rows_are_cheap(p.source):
         yield _checked(p, transforms.apply(p.transforms, ckpt.tensor(p.source), ckpt.spec), allow_nonfinite)
         return
     for r in range(0, p.shape[0], step):
@@ -79,7 +79,7 @@ def source_chunks(ckpt: Checkpoint, p: TensorPlan, allow_nonfinite: bool = False
 
 def _units(ckpt: Checkpoint, p: TensorPlan) -> list[slice | None]:
     """Row ranges a plan is read and encoded in (None: the whole tensor, transforms applied)."""
-    if p.transforms or len(p.shape) < 2:
+    if p.transforms or len(p.shape) < 2 or not ckpt.rows_are_cheap(p.source):
         return [None]
     row_bytes = 4 * int(np.prod(p.shape[1:], dtype=np.int64))
     step = max(1, UNIT_BYTES // max(row_bytes, 1))
