@@ -16,9 +16,11 @@ Non-finite input: ±Inf gives ggml's bytes (checked). NaN is not supported (the 
 it): blocks without NaN are unaffected, blocks holding a NaN (for the legacy imatrix paths, rows
 holding one) get deterministic bytes that usually but not always equal ggml's.
 
-Work is split into chunks of a few hundred super-blocks (they stay in L2 cache, faster than large
-chunks) and, optionally, spread over threads (numpy releases the GIL inside ufuncs); the bytes do
-not depend on the chunking or the thread count (every block is independent).
+The scale searches, most of the time, run compiled by numba where it is installed (kquants_jit.py,
+same bytes, GIL released). Work is split into chunks of a few hundred super-blocks (they stay in L2
+cache, faster than large chunks) and, optionally, spread over threads (numpy releases the GIL
+inside ufuncs); the bytes do not depend on the chunking or the thread count (every block is
+independent). The GGUF writer calls this with one thread per work unit and parallelises over units.
 """
 
 from __future__ import annotations
