@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the project on sys.path)
-from onnx_bench import median_timings, timed_process  # noqa: E402
+from onnx_bench import llamacpp_anchor, median_timings, timed_process  # noqa: E402
 
 
 def decoder_flops(spec, T: int, past: int = 0) -> dict:
@@ -96,19 +96,9 @@ def main() -> int:
 def speed(a, work: Path, res: dict) -> None:
     from convert import Checkpoint
     from runtimes.executorch import ExecutorchRuntime
-    from runtimes.llamacpp import LlamaCppRuntime
 
     ckpt = Checkpoint(a.model)
-    ids: list[int] = []
-    for conv in common.held_out_ids(ckpt.tokenizer):
-        ids += conv
-    while len(ids) < a.prompt:
-        ids += ids
-    prompt = ids[:a.prompt]
-    gguf = next((work / "gguf").glob("*Q4_K_M.gguf"))
-    with LlamaCppRuntime(gguf, n_threads=a.threads, n_ctx=a.prompt + a.decode + 16, n_batch=a.prompt) as rt:
-        res["llama.cpp Q4_K_M"] = median_timings(rt, prompt, a.decode, a.repeat)
-    print("llama.cpp", res["llama.cpp Q4_K_M"], flush=True)
+    prompt = llamacpp_anchor(a, work, res, ckpt)
     with ExecutorchRuntime(work / "et-8da4w", n_threads=a.threads) as rt:
         rt.greedy(prompt[:8], 2)  # warm-up: XNNPACK's first call packs and plans
         res["executorch 8da4w"] = median_timings(rt, prompt, a.decode, a.repeat)

@@ -40,17 +40,29 @@ with open(dst, "wb") as out:
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one child process."""
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of one child process; a failure ends the benchmark with its stderr."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode() if p.stderr else ""
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     if p.returncode != 0:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
     return dt, ru.ru_maxrss * 1024
+
+
+def full_model() -> Path:
+    """The full-size synthetic checkpoint in the cache, built once."""
+    sys.path.insert(0, str(ROOT))
+    from convert.synth.build import CACHE_DIR, build_synthetic, builder_fingerprint
+
+    model = CACHE_DIR / "synth" / builder_fingerprint() / "MiniCPM-V-4.6-synth-full-seed0"
+    if not (model / "config.json").is_file():
+        print(f"building the full synthetic model into {model} ...", flush=True)
+        build_synthetic("full", model, seed=0, report=False)
+    return model
 
 
 def warm(files: list[Path]) -> None:
@@ -69,15 +81,7 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    if args.model:
-        model = Path(args.model)
-    else:
-        from convert.synth.build import CACHE_DIR, build_synthetic, builder_fingerprint
-
-        model = CACHE_DIR / "synth" / builder_fingerprint() / "MiniCPM-V-4.6-synth-full-seed0"
-        if not (model / "config.json").is_file():
-            print(f"building the full synthetic model into {model} ...", flush=True)
-            build_synthetic("full", model, seed=0, report=False)
+    model = Path(args.model) if args.model else full_model()
     sources = sorted(model.glob("*.safetensors"))
     src_bytes = sum(f.stat().st_size for f in sources)
 

@@ -27,13 +27,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the project on sys.path)
+from export_bench import full_model, run_measured, warm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,35 +61,6 @@ rc = main(sys.argv[2:])
 open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 sys.exit(rc)
 """
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}\n{err[-2000:]}")
-    return dt, ru.ru_maxrss * 1024
-
-
-def warm(files: list[Path]) -> None:
-    for f in files:
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
-def full_model() -> Path:
-    from convert.synth.build import CACHE_DIR, build_synthetic, builder_fingerprint
-
-    model = CACHE_DIR / "synth" / builder_fingerprint() / "MiniCPM-V-4.6-synth-full-seed0"
-    if not (model / "config.json").is_file():
-        print(f"building the full synthetic model into {model} ...", flush=True)
-        build_synthetic("full", model, seed=0, report=False)
-    return model
 
 
 def profile_once(model: Path, out: Path, threads: int) -> dict:
@@ -137,7 +108,7 @@ def main() -> int:
                 if before:
                     before()
                 warm(sources)
-                t, rss = run_measured(cmd, e)
+                t, rss = run_measured(cmd, e, cwd=ROOT)
                 res["jobs"].setdefault(name, []).append({"wall_s": round(t, 3), "peak_rss_bytes": rss})
                 print(f"{name} run {i + 1}: {t:.2f} s, peak RSS {rss / 1e9:.2f} GB", flush=True)
 
@@ -170,7 +141,7 @@ def main() -> int:
             rss_file = tmp / "rss.txt"
             warm(sources)
             t, _ = run_measured([py, "-c", _VALIDATE, str(rss_file), "--model", str(model), str(a_dir),
-                                 "--scenarios", args.scenarios, "--quiet"])
+                                 "--scenarios", args.scenarios, "--quiet"], cwd=ROOT)
             rep = json.loads((a_dir / "validation.json").read_text())
             res.setdefault("validation", []).append({
                 "wall_s": round(t, 1), "harness_peak_rss_bytes": int(rss_file.read_text()),

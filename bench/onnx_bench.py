@@ -85,16 +85,11 @@ def export_all(a, work: Path, m: list[str], res: dict) -> None:
     print("exports", res["export"], flush=True)
 
 
-def speed(a, work: Path, res: dict) -> None:
-
-    from PIL import Image
-
-    from convert import Checkpoint
-    from recipes import HERE
+def llamacpp_anchor(a, work: Path, res: dict, ckpt) -> list[int]:
+    """The benchmark prompt (held-out chats repeated to a.prompt tokens) and the anchor's timings:
+    llama.cpp on work/gguf's Q4_K_M, into res["llama.cpp Q4_K_M"]."""
     from runtimes.llamacpp import LlamaCppRuntime
-    from runtimes.onnxruntime import OnnxRuntime
 
-    ckpt = Checkpoint(a.model)
     ids: list[int] = []
     for conv in common.held_out_ids(ckpt.tokenizer):
         ids += conv
@@ -105,6 +100,19 @@ def speed(a, work: Path, res: dict) -> None:
     with LlamaCppRuntime(gguf, n_threads=a.threads, n_ctx=a.prompt + a.decode + 16, n_batch=a.prompt) as rt:
         res["llama.cpp Q4_K_M"] = median_timings(rt, prompt, a.decode, a.repeat)
     print("llama.cpp", res["llama.cpp Q4_K_M"], flush=True)
+    return prompt
+
+
+def speed(a, work: Path, res: dict) -> None:
+
+    from PIL import Image
+
+    from convert import Checkpoint
+    from recipes import HERE
+    from runtimes.onnxruntime import OnnxRuntime
+
+    ckpt = Checkpoint(a.model)
+    prompt = llamacpp_anchor(a, work, res, ckpt)
     with OnnxRuntime(work / "onnx-int4", n_threads=a.threads, max_call_tokens=a.prompt) as rt:
         res["onnxruntime int4"] = median_timings(rt, prompt, a.decode, a.repeat)
         img = Image.open(HERE / "images" / "astronaut.jpg").convert("RGB").resize((448, 448))
