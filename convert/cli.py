@@ -33,6 +33,9 @@ def open_model(args) -> "Checkpoint":  # noqa: F821
 def check_validation_args(args) -> None:
     """Options of the validation that follows a write, checked before writing (an unknown
     --scenarios used to fail after the files were written). Shared by the CLIs."""
+    max_kl = getattr(args, "max_kl", None)
+    if max_kl is not None and not max_kl > 0:
+        raise ConvertError(f"--max-kl {max_kl}: must be positive")
     if not args.no_validate and not getattr(args, "dry_run", False):
         from validate.scenarios import load_scenarios
 
@@ -85,8 +88,6 @@ def cmd_gguf(args) -> int:
     if args.quant is not None and args.outtype is not None and args.quant.lower() != args.outtype.lower():
         raise ConvertError(f"--quant {args.quant} and --outtype {args.outtype} disagree; give one")
     args.quant = args.quant or args.outtype or "f16"
-    if args.max_kl is not None and not args.max_kl > 0:
-        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
     if args.quant_threads is not None and args.quant_threads < 1:
         raise ConvertError(f"--quant-threads {args.quant_threads}: must be at least 1")
     overrides = _overrides(args)
@@ -170,8 +171,6 @@ def cmd_onnx(args) -> int:
     from .onnx.export import check_options, export_onnx
 
     check_options(args.quant, args.mode, args.int4_algo)
-    if args.max_kl is not None and not args.max_kl > 0:
-        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
     check_validation_args(args)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-onnx"
@@ -197,8 +196,6 @@ def cmd_executorch(args) -> int:
     from .executorch.export import check_options, export_executorch
 
     check_options(args.quant, args.mode, args.vision_quant, args.max_context, args.max_seq_len)
-    if args.max_kl is not None and not args.max_kl > 0:
-        raise ConvertError(f"--max-kl {args.max_kl}: must be positive")
     check_validation_args(args)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-executorch"
