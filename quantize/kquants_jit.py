@@ -44,9 +44,21 @@ if numba is not None:
         return types.int32(types.float32), codegen
 
     @_jit
-    def _nearest(t, buf, ibuf, g):
+    def _nearest(t):
         # ggml's nearest_int: add 1.5*2^23, read the mantissa bits (round half to even; defined for any finite t)
         return (_bits(np.float32(t + _MAGIC)) & 0x7FFFFF) - 0x400000
+
+    @_jit
+    def _qx_sums(x, w, iscale, nmax, sumlx, suml2):
+        """make_qx_quants' sums for one iscale per group (sumlx, suml2 reset here)."""
+        n, G = x.shape
+        sumlx[:] = np.float32(0)
+        suml2[:] = np.float32(0)
+        for i in range(n):
+            for g in range(G):
+                lf = np.float32(max(-nmax, min(nmax - 1, _nearest(iscale[g] * x[i, g]))))
+                sumlx[g] += w[i, g] * x[i, g] * lf
+                suml2[g] += w[i, g] * lf * lf
 
     @_jit
     def _qkx(x, w, nmax, rmin, rdelta, nstep, use_mad):
@@ -54,8 +66,6 @@ if numba is not None:
         fnmax = np.float32(nmax)
         zero = np.float32(0)
         one = np.float32(1)
-        buf = np.empty(G, np.float32)
-        ibuf = buf.view(np.int32)
         mn = x[0].copy()
         mx = x[0].copy()
         sum_w = w[0].copy()
@@ -87,7 +97,7 @@ if numba is not None:
         best_mn = mn.copy()
         for i in range(n):
             for g in range(G):
-                l = _nearest(iscale[g] * (x[i, g] - mn[g]), buf, ibuf, g)
+                l = _nearest(iscale[g] * (x[i, g] - mn[g]))
                 lf = np.float32(max(0, min(nmax, l)))
                 d = scale[g] * lf + mn[g] - x[i, g]
                 d = abs(d) if use_mad else d * d
@@ -111,7 +121,7 @@ if numba is not None:
                 cur[g] = zero
             for i in range(n):
                 for g in range(G):
-                    l = _nearest(iscale[g] * (x[i, g] - mn[g]), buf, ibuf, g)
+                    l = _nearest(iscale[g] * (x[i, g] - mn[g]))
                     lf = np.float32(max(0, min(nmax, l)))
                     laux[i, g] = lf
                     wl = w[i, g] * lf
@@ -143,7 +153,7 @@ if numba is not None:
         L = np.empty((n, G), np.uint8)
         for i in range(n):
             for g in range(G):
-                l = _nearest(best_is[g] * (x[i, g] - best_mn[g]), buf, ibuf, g)
+                l = _nearest(best_is[g] * (x[i, g] - best_mn[g]))
                 L[i, g] = max(0, min(nmax, l))
         for g in range(G):
             if not live[g]:
@@ -158,8 +168,6 @@ if numba is not None:
         n, G = x.shape
         zero = np.float32(0)
         fnmax = np.float32(nmax)
-        buf = np.empty(G, np.float32)
-        ibuf = buf.view(np.int32)
         mx = np.zeros(G, np.float32)
         amax = np.zeros(G, np.float32)
         for i in range(n):
@@ -176,12 +184,7 @@ if numba is not None:
         suml2 = np.zeros(G, np.float32)
         for g in range(G):
             best_is[g] = np.float32(-nmax) / mx[g]
-        for i in range(n):
-            for g in range(G):
-                l = _nearest(best_is[g] * x[i, g], buf, ibuf, g)
-                lf = np.float32(max(-nmax, min(nmax - 1, l)))
-                sumlx[g] += w[i, g] * x[i, g] * lf
-                suml2[g] += w[i, g] * lf * lf
+        _qx_sums(x, w, best_is, nmax, sumlx, suml2)
         for g in range(G):
             scale[g] = sumlx[g] / suml2[g] if suml2[g] != zero else zero
             best[g] = scale[g] * sumlx[g]
@@ -190,14 +193,7 @@ if numba is not None:
                 continue
             for g in range(G):
                 iscale[g] = -(fnmax + np.float32(0.1) * np.float32(step)) / mx[g]
-                sumlx[g] = zero
-                suml2[g] = zero
-            for i in range(n):
-                for g in range(G):
-                    l = _nearest(iscale[g] * x[i, g], buf, ibuf, g)
-                    lf = np.float32(max(-nmax, min(nmax - 1, l)))
-                    sumlx[g] += w[i, g] * x[i, g] * lf
-                    suml2[g] += w[i, g] * lf * lf
+            _qx_sums(x, w, iscale, nmax, sumlx, suml2)
             for g in range(G):
                 if suml2[g] > zero and sumlx[g] * sumlx[g] > best[g] * suml2[g]:
                     best_is[g] = iscale[g]
@@ -207,7 +203,7 @@ if numba is not None:
         eps = np.float32(1e-15)
         for i in range(n):
             for g in range(G):
-                l = _nearest(best_is[g] * x[i, g], buf, ibuf, g)
+                l = _nearest(best_is[g] * x[i, g])
                 L[i, g] = max(-nmax, min(nmax - 1, l)) + nmax
         for g in range(G):
             if amax[g] < eps:
