@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GgmlRefUnavailable", "blck_size", "library_path", "quantize_chunk", "row_size", "type_size"]
+__all__ = ["GgmlRefUnavailable", "blck_size", "dequantize_rows", "library_path", "quantize_chunk", "row_size",
+           "type_size"]
 
 
 class GgmlRefUnavailable(RuntimeError):
@@ -78,7 +79,20 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_blck_size.argtypes = [ctypes.c_int]
     lib.ggml_row_size.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits (its first fields, in order)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT), ("from_float_ref", ctypes.c_void_p)]
 
 
 def available() -> bool:
@@ -138,4 +152,22 @@ def quantize_chunk(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = No
     )
     if n != nrows * rs:  # pragma: no cover - ggml asserts this itself
         raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {nrows * rs}")
+    return out
+
+
+def dequantize_rows(data: np.ndarray, qtype: int, n_per_row: int) -> np.ndarray:
+    """ggml's own dequantizer (the type's `to_float`): stored rows (uint8 [n_rows, row_bytes], or
+    flat) -> float32 [n_rows, n_per_row]. ctypes drops the GIL for the call, so threads can split
+    a tensor's rows."""
+    t = int(qtype)
+    fn = _lib().ggml_get_type_traits(t).contents.to_float
+    if not fn:
+        raise ValueError(f"ggml type {t} has no dequantizer")
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    rs = row_size(t, n_per_row)
+    if raw.size % rs:
+        raise ValueError(f"{raw.size} bytes are not whole rows of {rs} bytes")
+    out = np.empty((raw.size // rs, n_per_row), np.float32)
+    if out.size:
+        fn(raw.ctypes.data, out.ctypes.data, out.size)
     return out

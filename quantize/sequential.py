@@ -45,6 +45,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.spec import FULL, LINEAR
+from runtimes.lazy_weights import storage_dtype
 
 from . import awq as awq_mod
 from .awq import FoldGroup
@@ -235,16 +236,6 @@ def _run_capture(model, samples, proc, seqlen, mode, record, items, quiet) -> No
 # memory: a model stored in 16 bits, computed in float32 part by part
 
 _WIDE = torch.float32
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_NARROW = {"BF16": "bfloat16", "F16": "float16"}
-
-
-def storage_dtype(ckpt: "Checkpoint") -> str:
-    """The dtype to hold the model in: the checkpoint's if every float tensor is bfloat16 (or every
-    one float16), since those widen to float32 exactly; float32 otherwise (a mixed checkpoint's
-    float32 tensors would be rounded)."""
-    dts = {ckpt.info(n).dtype for n in ckpt.names()} & _FLOAT_DTYPES
-    return _NARROW[next(iter(dts))] if len(dts) == 1 and next(iter(dts)) in _NARROW else "float32"
 
 
 def _widen(params, stash: dict | None = None) -> None:

@@ -17,6 +17,7 @@ from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 
 from .base import Chunk, Prefill, Runtime
+from .lazy_weights import LazyWeights, storage_dtype
 
 
 class ReferenceRuntime(Runtime):
@@ -30,7 +31,7 @@ class ReferenceRuntime(Runtime):
     reads_dense_view = True
 
     def __init__(self, model: str | Path | Checkpoint, *, n_threads: int | None = None, dtype: str = "float32",
-                 mode: str = "16x"):
+                 mode: str = "16x", lazy: bool = False):
         import torch
         from transformers import MiniCPMV4_6ForConditionalGeneration
 
@@ -38,14 +39,18 @@ class ReferenceRuntime(Runtime):
         if n_threads:
             torch.set_num_threads(n_threads)
         self.torch = torch
+        dense = getattr(self.ckpt, "dense_view", False) and self.reads_dense_view
+        # lazy: float32 computation on weights held in the checkpoint's dtype (runtimes/lazy_weights.py)
+        load = storage_dtype(self.ckpt) if lazy and dtype == "float32" and not dense else dtype
         try:
-            if getattr(self.ckpt, "dense_view", False) and self.reads_dense_view:
-                self.model = self._from_dense_view(dtype)
+            if dense:
+                self.model = self._from_dense_view(load)
             else:
                 self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
-                    self.ckpt.path, dtype=getattr(torch, dtype), local_files_only=True).eval()
+                    self.ckpt.path, dtype=getattr(torch, load), local_files_only=True).eval()
         except Exception as e:  # transformers raises many types on a config it cannot build (a null it reads)
             raise ConvertError(f"{self.ckpt.path}: cannot load the model ({e.__class__.__name__}: {str(e)[:200]})") from None
+        self.lazy = LazyWeights(self.model) if lazy and dtype == "float32" else None
         self.tokenizer = self.ckpt.tokenizer
         self.mode = mode  # token mode of image_layout / prefill images
         self.n_vocab = int(self.model.config.text_config.vocab_size)
@@ -126,21 +131,36 @@ class ReferenceRuntime(Runtime):
                 parts.append(emb(torch.tensor(list(seg), dtype=torch.long)).float())
         return torch.cat(parts, 0)[None].to(emb.weight.dtype)  # a float16 reference takes float16 inputs
 
-    def sequence_logits(self, segments) -> np.ndarray:
-        """float32 [N, n_vocab]: logits at every position of the concatenated segments (one forward)."""
+    def sequence_logits(self, segments, keep: np.ndarray | None = None) -> np.ndarray:
+        """float32 [N, n_vocab]: logits at every position of the concatenated segments (one forward);
+        with `keep` (a boolean mask over the positions) only at those, the others never computed."""
         with self.torch.no_grad():
-            out = self.model(inputs_embeds=self._embeds(segments), use_cache=False)
-        return out.logits[0].float().numpy()
+            logits, _ = self._head(keep, inputs_embeds=self._embeds(segments), use_cache=False)
+        return logits.float().numpy()
+
+    def _head(self, keep, **kw):
+        """The model's forward with lm_head applied only at `keep` (a boolean mask, an index array,
+        or a slice) of the positions: (logits [kept, n_vocab], the inner model's output). Its
+        ForConditionalGeneration forward takes no logits_to_keep and would compute them all."""
+        out = self.model.model(**kw)
+        h = out.last_hidden_state[0]
+        if keep is not None:
+            if not isinstance(keep, slice):
+                keep = np.asarray(keep)
+                keep = self.torch.from_numpy(np.flatnonzero(keep) if keep.dtype == bool else keep)
+            h = h[keep]
+        return self.model.lm_head(h), out
 
     def sequence_greedy(self, segments, n: int) -> list[int]:
         """Greedy continuation of the concatenated segments (cached steps, no stop at EOS)."""
         torch = self.torch
         toks: list[int] = []
         with torch.no_grad():
-            out = self.model(inputs_embeds=self._embeds(segments), use_cache=True)
+            last, out = self._head(slice(-1, None), inputs_embeds=self._embeds(segments), use_cache=True)
             for _ in range(n):
-                toks.append(int(out.logits[0, -1].argmax()))
-                out = self.model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                toks.append(int(last[-1].argmax()))
+                last, out = self._head(None, input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values,
+                                       use_cache=True)
         return toks
 
     def features(self, pixel_values, target_sizes, mode: str) -> list[np.ndarray]:
@@ -212,6 +232,8 @@ class ReferenceRuntime(Runtime):
         return Prefill(chunks, toks, pos.astype(np.int64), logits[text], self._n_past)
 
     def close(self) -> None:
+        if self.lazy is not None:
+            self.lazy.close()
         self.model = None
         self._cache = None
 

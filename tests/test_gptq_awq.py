@@ -115,7 +115,7 @@ def test_low_memory_run_is_the_float32_run(tiny_ckpt, calib, results, method):
     """Loaded by quantize_model itself, the model is held in the checkpoint's bfloat16 and widened
     to float32 part by part (and freed): the same quantized weights, scales and folded tensors as
     the run on a float32 model (the `results` fixture)."""
-    from quantize.sequential import storage_dtype
+    from runtimes.lazy_weights import storage_dtype
 
     assert storage_dtype(tiny_ckpt) == "bfloat16"
     ref = results[method]

@@ -226,3 +226,19 @@ def test_nan_is_deterministic_and_local():
                 # in a row reaches every block of that row
                 clean &= np.repeat(~np.isnan(x).any(axis=1), x.shape[1] // bs)
             assert np.array_equal(a.reshape(-1, ts)[clean], ref.reshape(-1, ts)[clean]), qtype.name
+
+
+@pytest.mark.parametrize("qtype", sorted(ggml.SUPPORTED - {T.F32, T.F16}, key=int), ids=lambda t: t.name)
+def test_decode_by_ggml_equals_numpy(qtype, monkeypatch):
+    """ggml.decode reads blocks with ggml's own to_float when libggml is there: the same floats as
+    gguf-py's numpy dequantizer (the path without it), scales spanning several orders included."""
+    rng = np.random.default_rng(int(qtype))
+    x = (rng.standard_normal((64, 512)) * rng.exponential(1.0, (64, 1)) * 10.0 ** rng.integers(-3, 3, (64, 1)))
+    data = ggml.encode(x.astype(np.float32), qtype)
+    fast = ggml.decode(data, qtype, x.shape)
+    monkeypatch.setattr(ggml, "_have_ggml", lambda: False)
+    slow = ggml.decode(data, qtype, x.shape)
+    assert fast.dtype == slow.dtype == np.float32
+    assert np.array_equal(fast, slow)
+    with pytest.raises(ValueError, match="whole rows"):
+        ggml_ref.dequantize_rows(data.reshape(-1)[:-1], qtype, 512)

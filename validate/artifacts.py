@@ -8,11 +8,12 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGUFReader, LlamaFileType
+from gguf import LlamaFileType
 
 from convert import manifest
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
+from convert.gguf.reader import GGUFFile
 
 DECODER_ARCH = "qwen35"
 
@@ -51,17 +52,11 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     try:
-        r = GGUFReader(path)
-    except (ValueError, struct.error, OSError, IndexError, KeyError) as e:
+        r = GGUFFile(path)
+    except (ValueError, struct.error, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
-    from gguf import GGUFValueType
-
-    kv = {}
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or not f.types or f.types[0] == GGUFValueType.ARRAY:
-            continue
-        v = f.parts[f.data[0]]
-        kv[name] = bytes(v).decode("utf-8", "replace") if f.types[0] == GGUFValueType.STRING else v.tolist()[0]
+    kv = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
+          for k, v in r.kv.items() if not isinstance(v, tuple)}  # scalars; arrays are read where needed
     arch = kv.get("general.architecture")
     if arch not in (DECODER_ARCH, "clip"):
         raise ConvertError(f"{path.name}: general.architecture {arch!r} is not MiniCPM-V 4.6 "
@@ -140,13 +135,17 @@ class Artifact:
         types = tuple(sorted((n, t[1]) for i in [self.decoder, *self.mmproj.values()] for n, t in i.tensors.items()))
         return ("gguf", self.label, types, str(imatrix), self.decoder.kv.get("quantize.imatrix.file"))
 
-    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
-        """The source quantized with this artifact's tensor types (None for F32: the fp32 reference is it)."""
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None, base=None):
+        """The source quantized with this artifact's tensor types (None for F32: the fp32 reference is it).
+        With `base` (the fp32 reference) the decoder's tensors only, as a variant of its model: the
+        harness feeds the fake-quant decoder the runtime's own image features, so its projector
+        would never run."""
         if self.label == "F32":
             return None
         from .references import Reference
 
-        return Reference.fake_quant(ckpt, self.files, threads=threads, imatrix=imatrix)
+        files = [self.decoder.path] if base is not None else self.files
+        return Reference.fake_quant(ckpt, files, threads=threads, imatrix=imatrix, base=base)
 
 
 def discover(folder: str | Path | None = None, decoder: str | Path | None = None,
@@ -324,7 +323,7 @@ class HFArtifact:
     def fake_quant_key(self, imatrix=None) -> tuple:
         return ("hf", str(self.folder))
 
-    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None, base=None):
         from .references import Reference
 
         return Reference.from_hf_quantized(ckpt, self.folder, threads=threads, dtype=self.dtype)

@@ -72,10 +72,11 @@ def _in_order(x, kind: str | None, order):
     return quantize_activations(x[..., order], kind)[..., back]
 
 
-def emulate_matmul_inputs(model, types: dict[str, T], col_orders: dict | None = None) -> list:
+def emulate_matmul_inputs(model, types: dict[str, T], col_orders: dict | None = None, when=None) -> list:
     """Register pre-hooks on the nn.Linear modules whose weight (HF name -> ggml type) is not F32;
     returns the hook handles (call .remove() on each to undo). `col_orders`: HF weight name -> the
-    GGUF's column order, where it differs (see weights.fake_quant_state_dict)."""
+    GGUF's column order, where it differs (see weights.fake_quant_state_dict). `when`: a predicate
+    that switches the emulation on (a model shared with the fp32 reference: while its variant runs)."""
     import torch
 
     handles = []
@@ -88,5 +89,6 @@ def emulate_matmul_inputs(model, types: dict[str, T], col_orders: dict | None = 
             continue
         order = col_orders.get(f"{name}.weight")
         handles.append(mod.register_forward_pre_hook(
-            lambda m, args, kind=kind, order=order: (_in_order(args[0], kind, order), *args[1:])))
+            lambda m, args, kind=kind, order=order: None if when is not None and not when()
+            else (_in_order(args[0], kind, order), *args[1:])))
     return handles

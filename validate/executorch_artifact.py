@@ -86,7 +86,7 @@ class ExecutorchArtifact:
     def fake_quant_key(self, imatrix=None) -> tuple:
         return ("executorch", self.et["quant"], self.et.get("vision_quant", "fp32"))
 
-    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None, base=None):
         if self.et["quant"] == "fp32" and self.et.get("vision_quant", "fp32") == "fp32":
             return None
         from .references import Reference

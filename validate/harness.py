@@ -86,26 +86,28 @@ class Harness:
         self._fq: Reference | None = None
         self._fq_key = None
         self._images: dict[tuple, Path] = {}
-        self._ref_cache: dict[tuple, tuple[list[int], np.ndarray]] = {}
+        self._ref_cache: dict[tuple, tuple[list[int], Path]] = {}
 
     # -- references ------------------------------------------------------------------------------
 
     @property
     def fp32(self) -> Reference:
         if self._fp32 is None:
-            self._fp32 = Reference.fp32(self.ckpt, threads=self.profile.threads)
+            self._fp32 = Reference.fp32(self.ckpt, threads=self.profile.threads, lazy=True)
         return self._fp32
 
     def _fake_quant(self, art) -> Reference | None:
         """The artifact's fake-quant reference. It depends only on the tensor types (and imatrix),
-        so artifacts that share them share one; only one is held at a time (a full-size one is
-        5 GB), and it is built after the previous one is released."""
+        so artifacts that share them share one; only one is held at a time, built after the
+        previous one is released. A GGUF's is a weight variant of the fp32 reference's model (its
+        quantized bytes, dequantized per layer as it runs: 0.3 GB, not 5 GB, at full size)."""
         key = art.fake_quant_key(self.imatrix)
         if key != self._fq_key:
             if self._fq is not None:
                 self._fq.close()
             self._fq, self._fq_key = None, None
-            self._fq = art.fake_quant_reference(self.ckpt, threads=self.profile.threads, imatrix=self.imatrix)
+            self._fq = art.fake_quant_reference(self.ckpt, threads=self.profile.threads, imatrix=self.imatrix,
+                                                base=self.fp32)
             self._fq_key = key
         return self._fq
 
@@ -289,8 +291,14 @@ class Harness:
         ref_segs = segs(ref_chunks)
         ckey = (sc.name, tuple(str(p) for p in images), str(mm.path) if (mm and images) else None)
         if ckey not in self._ref_cache:
-            self._ref_cache[ckey] = self.fp32.run(ref_segs, sc.greedy)
-        ref_toks, ref_logits = self._ref_cache[ckey]
+            # kept on disk, read back mapped: a full-size vocabulary makes each scenario's 100-200 MB
+            toks, logits = self.fp32.run(ref_segs, sc.greedy)
+            f = self.scratch / f"reference-{len(self._ref_cache)}.npy"
+            np.save(f, logits)
+            del logits
+            self._ref_cache[ckey] = (toks, f)
+        ref_toks, ref_file = self._ref_cache[ckey]
+        ref_logits = np.load(ref_file, mmap_mode="r")
         wire = [[list(p.ids) if isinstance(p, TextPart) else {"image": str(images[p.index])} for p in turn] for turn in turns]
         res = proc.request("run", turns=wire, teacher=ref_toks[:-1], out=str(self.scratch / f"logits-{sc.name}.npy"))
         art_logits = np.load(res["file"], mmap_mode="r")
@@ -367,7 +375,7 @@ class Harness:
     def close(self) -> None:
         import shutil
 
-        for ref in (self._fp32, self._fq):
+        for ref in (self._fq, self._fp32):  # a variant before the model it lives on
             if ref is not None:
                 ref.close()
         shutil.rmtree(self.scratch, ignore_errors=True)

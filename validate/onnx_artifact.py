@@ -108,7 +108,7 @@ class OnnxArtifact:
     def fake_quant_key(self, imatrix=None) -> tuple:
         return ("onnx", str(self.folder), self.onnx["quant"])
 
-    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None):
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None, base=None):
         if self.onnx["quant"] == "fp32":
             return None
         from .references import Reference

@@ -15,6 +15,7 @@ runtime's preprocessing does not hide or fake a runtime error).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +23,36 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from runtimes.reference import ReferenceRuntime
 
+_VARIANTS = itertools.count()
+
 
 class Reference:
     """One reference model plus caches of its image features and sequence results."""
 
-    def __init__(self, label: str, runtime: ReferenceRuntime):
+    def __init__(self, label: str, runtime: ReferenceRuntime, variant: str | None = None, hooks: list | None = None):
         self.label = label
         self.rt = runtime
+        self.variant = variant  # a weight variant of a model shared with another reference
+        self._hooks = hooks or []
         self._features: dict[tuple, list[np.ndarray]] = {}
         self._native: dict[tuple, list[np.ndarray]] = {}
 
     @classmethod
-    def fp32(cls, ckpt: Checkpoint, threads: int | None = None) -> "Reference":
-        return cls("fp32", ReferenceRuntime(ckpt, n_threads=threads))
+    def fp32(cls, ckpt: Checkpoint, threads: int | None = None, lazy: bool = False) -> "Reference":
+        """lazy: weights held in the checkpoint's dtype, widened per part (runtimes/lazy_weights.py);
+        the same numbers, a half of the memory for a bfloat16 checkpoint."""
+        return cls("fp32", ReferenceRuntime(ckpt, n_threads=threads, lazy=lazy))
 
     @classmethod
     def fake_quant(cls, ckpt: Checkpoint, ggufs: list[Path], threads: int | None = None,
-                   imatrix: str | Path | None = None) -> "Reference":
+                   imatrix: str | Path | None = None, base: "Reference | None" = None) -> "Reference":
+        """With `base` (a lazy fp32 reference): a variant of its model whose quantized weights are
+        held as their bytes and dequantized per part as they run; else a model of its own."""
         from .cpu_numerics import emulate_matmul_inputs
         from .weights import iter_fake_quant, load_fake_quant
 
+        if base is not None and base.rt.lazy is not None:
+            return cls._variant(ckpt, ggufs, base, imatrix)
         rt = ReferenceRuntime(ckpt, n_threads=threads)
         types: dict = {}
         orders: dict = {}
@@ -52,6 +63,32 @@ class Reference:
             types.setdefault("lm_head.weight", types[embed])  # llama.cpp's output matmul reads token_embd
         emulate_matmul_inputs(rt.model, types, orders)
         return cls("fake-quant", rt)
+
+    @classmethod
+    def _variant(cls, ckpt: Checkpoint, ggufs: list[Path], base: "Reference", imatrix) -> "Reference":
+        from .cpu_numerics import emulate_matmul_inputs
+        from .weights import packed_fake_quant
+
+        lazy = base.rt.lazy
+        name = f"fake-quant-{next(_VARIANTS)}"
+        types: dict = {}
+        orders: dict = {}
+        fill, rows = {}, {}
+        for hf, packed in packed_fake_quant(ckpt, ggufs, imatrix=imatrix, types=types, col_orders=orders):
+            fill[hf] = packed.fill
+            if packed.row_wise:
+                rows[hf] = packed.rows
+        embed = "model.language_model.embed_tokens.weight"
+        if ckpt.spec.tie_word_embeddings and embed in types:
+            types.setdefault("lm_head.weight", types[embed])  # llama.cpp's output matmul reads token_embd
+        lazy.add_variant(name, fill, rows)
+        hooks = emulate_matmul_inputs(base.rt.model, types, orders, when=lambda: lazy.active == name)
+        return cls("fake-quant", base.rt, variant=name, hooks=hooks)
+
+    def _using(self):
+        import contextlib
+
+        return self.rt.lazy.using(self.variant) if self.variant else contextlib.nullcontext()
 
     @classmethod
     def from_hf_quantized(cls, ckpt: Checkpoint, folder: Path, threads: int | None = None,
@@ -111,7 +148,8 @@ class Reference:
         """Embeddings per chunk with transformers' own preprocessing (its slice grid), cached by
         key: every artifact of a run compares with the same ones."""
         if key not in self._native:
-            self._native[key] = self.rt.image_embeddings(image, mode=mode)
+            with self._using():
+                self._native[key] = self.rt.image_embeddings(image, mode=mode)
         return self._native[key]
 
     def runtime_pixels_image(self, key: tuple, chunks: list[np.ndarray], patch_size: int, mode: str) -> list[np.ndarray]:
@@ -120,21 +158,27 @@ class Reference:
             from runtimes.mtmd_preproc import pack_for_reference
 
             pv, ts = pack_for_reference(chunks, patch_size)
-            self._features[key] = self.rt.features(pv, ts, mode)
+            with self._using():
+                self._features[key] = self.rt.features(pv, ts, mode)
         return self._features[key]
 
     def run(self, segments: list, n_greedy: int, teacher: list[int] | None = None) -> tuple[list[int], np.ndarray]:
         """(greedy tokens, logits at every text position of segments + teacher[:-1]).
 
         With `teacher` None the reference's own greedy continuation is the teacher."""
-        toks = self.rt.sequence_greedy(segments, n_greedy) if teacher is None else list(teacher)
-        full = segments + ([toks[:-1]] if len(toks) > 1 else [])
-        logits = self.rt.sequence_logits(full)
-        keep = np.concatenate([np.full(len(s), not _is_embedding(s)) for s in full])
-        return toks, logits[keep]
+        with self._using():
+            toks = self.rt.sequence_greedy(segments, n_greedy) if teacher is None else list(teacher)
+            full = segments + ([toks[:-1]] if len(toks) > 1 else [])
+            keep = np.concatenate([np.full(len(s), not _is_embedding(s)) for s in full])
+            return toks, self.rt.sequence_logits(full, keep)  # logits only where they are scored
 
     def close(self) -> None:
-        self.rt.close()
+        if self.variant is None:
+            self.rt.close()
+            return
+        for h in self._hooks:
+            h.remove()
+        self.rt.lazy.drop_variant(self.variant)
 
 
 def _is_embedding(seg) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +28,17 @@ from typing import Callable, Iterable, Iterator
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 from convert.gguf import metadata, transforms
 from convert.gguf.export import FLOATS, Quant, load_imatrix, quantized_plan
 from convert.gguf.plan import TensorPlan, build_plan, float_type_rule
+from convert.gguf.reader import GGUFFile
 from convert.gguf.writer import source_chunks
 from quantize import ggml
 from quantize.mixtures import FALLBACK, MIXTURES, allows_quantization
 
-from .gguf_diff import read_kv
 
 # general.architecture -> artifact kind
 KINDS = {"qwen35": "decoder", "clip": "mmproj"}
@@ -80,15 +80,15 @@ class TensorCheck:
     message: str = ""  # "<file>: tensor <name>: <what>" for a failure, else ""
 
 
-def _open(gguf_path) -> tuple[GGUFReader, dict]:
+def _open(gguf_path) -> tuple[GGUFFile, dict]:
     try:
-        r = GGUFReader(gguf_path)
-    except (OSError, ValueError) as e:
+        r = GGUFFile(gguf_path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
         raise ConvertError(f"{Path(gguf_path).name}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
-    return r, read_kv(r)
+    return r, r.kv
 
 
-def _kind(path, r: GGUFReader, kv: dict) -> tuple[str, str | None]:
+def _kind(path, r: GGUFFile, kv: dict) -> tuple[str, str | None]:
     name = Path(path).name
     arch = kv.get("general.architecture")
     kind = KINDS.get(arch)
@@ -462,7 +462,7 @@ def expected_kv(ckpt: Checkpoint, kind: str, mode: str | None, file_type: int, n
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         w.close()
-        return read_kv(GGUFReader(path))
+        return GGUFFile(path).kv
 
 
 def _file_type_problem(file_type, types: set[T]) -> str | None:
@@ -546,6 +546,15 @@ def iter_fake_quant(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict |
     """
     import torch
 
+    for p, qt, imat in _fake_quant_plans(ckpt, gguf_paths, imatrix, types, col_orders):
+        q = _requant_rows(ckpt, p, _requant(qt, imat))
+        hf = transforms.invert(p.transforms, q, ckpt.spec, ckpt.info(p.source).shape)
+        yield p.source, torch.from_numpy(np.ascontiguousarray(hf, dtype=np.float32))
+
+
+def _fake_quant_plans(ckpt: Checkpoint, gguf_paths, imatrix, types: dict | None, col_orders: dict | None):
+    """(plan, ggml type, imatrix vector) of every non-F32 tensor of the artifacts, in file order;
+    fills `types` and `col_orders` as iter_fake_quant documents."""
     for path in [gguf_paths] if isinstance(gguf_paths, (str, Path)) else gguf_paths:
         path = Path(path)
         r, kv = _open(path)
@@ -567,9 +576,52 @@ def iter_fake_quant(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict |
                 continue
             if qt not in ggml.SUPPORTED:
                 raise ConvertError(f"{path.name}: tensor {t.name}: type {qt.name} cannot be fake-quantized here")
-            q = _requant_rows(ckpt, p, _requant(qt, vecs.get(p.name)))
-            hf = transforms.invert(p.transforms, q, ckpt.spec, ckpt.info(p.source).shape)
-            yield p.source, torch.from_numpy(np.ascontiguousarray(hf, dtype=np.float32))
+            yield p, qt, vecs.get(p.name)
+
+
+class PackedFakeQuant:
+    """One fake-quantized tensor held as its quantized bytes (a quarter to a sixth of float32 for the
+    k-quants) and dequantized on demand: the same float32 values iter_fake_quant yields."""
+
+    def __init__(self, ckpt: Checkpoint, p: TensorPlan, qt: T, imat):
+        self.qt, self.plan, self.spec = qt, p, ckpt.spec
+        self.hf_shape = tuple(ckpt.info(p.source).shape)
+        self.data = _quant_rows(ckpt, p, lambda x: ggml.encode(x, qt, imat))
+
+    def fill(self, out) -> None:
+        """Write the HF-layout float32 value into the torch tensor `out`."""
+        import torch
+
+        q = ggml.decode(self.data, self.qt, tuple(self.plan.shape))
+        hf = transforms.invert(self.plan.transforms, q, self.spec, self.hf_shape)
+        out.copy_(torch.from_numpy(np.ascontiguousarray(hf, dtype=np.float32)))
+
+    def rows(self, ids):
+        """Rows `ids` (a torch integer tensor of any shape) of a row-wise stored, untransformed
+        tensor, e.g. a token embedding: only those rows are dequantized."""
+        import torch
+
+        flat = ids.reshape(-1).numpy()
+        uniq, inv = np.unique(flat, return_inverse=True)
+        vals = ggml.decode(self.data.reshape(self.plan.shape[0], -1)[uniq], self.qt, (len(uniq), self.plan.shape[1]))
+        return torch.from_numpy(vals[inv]).reshape(*ids.shape, self.plan.shape[1])
+
+    @property
+    def row_wise(self) -> bool:
+        return not self.plan.transforms and len(self.plan.shape) == 2 and self.hf_shape == tuple(self.plan.shape)
+
+
+def packed_fake_quant(ckpt: Checkpoint, gguf_paths, *, imatrix=None, types: dict | None = None,
+                      col_orders: dict | None = None):
+    """(HF name, PackedFakeQuant), one tensor at a time: iter_fake_quant's tensors, kept quantized."""
+    for p, qt, imat in _fake_quant_plans(ckpt, gguf_paths, imatrix, types, col_orders):
+        yield p.source, PackedFakeQuant(ckpt, p, qt, imat)
+
+
+def _quant_rows(ckpt: Checkpoint, p: TensorPlan, encode) -> np.ndarray:
+    """The tensor after its transforms in its stored form (ggml.encode), encoded slice by slice."""
+    parts = [encode(chunk) for chunk in source_chunks(ckpt, p, allow_nonfinite=True)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _requant_rows(ckpt: Checkpoint, p: TensorPlan, requant) -> np.ndarray:
