@@ -9,6 +9,7 @@ under --debug), 130/143 interrupted by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -211,6 +212,31 @@ def cmd_executorch(args) -> int:
     return validate_folder(args, ckpt, out, read_executorch(out), "export")
 
 
+def cmd_coreml(args) -> int:
+    from .coreml.export import check_options, export_coreml
+
+    check_options(args.quant, args.mode, args.parts)
+    ckpt = open_model(args)
+    out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-coreml"
+    paths = export_coreml(ckpt, out, quant=args.quant, mode=args.mode, parts=args.parts, force=args.force,
+                          quiet=args.quiet)
+    for p in paths:
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        print(f"wrote {p} ({size / 2**20:.1f} MiB)")
+    print(f"wrote {out / 'manifest.json'}")
+    if args.no_validate:
+        return 0
+    from validate.coreml_artifact import PROXY_WORDING, validate_coreml
+
+    rep = validate_coreml(ckpt, out, quiet=args.quiet)
+    (out / "validation.json").write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+    for c in rep["checks"]:
+        print(f"  {c['check']:10s} {c['status']:5s} {c['message']}")
+    print(f"validation {'passed' if rep['status'] == 'pass' else 'FAILED'} on Linux from the packages' own bytes "
+          f"(numerics: {PROXY_WORDING}); wrote {out / 'validation.json'}")
+    return 0 if rep["status"] == "pass" else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m convert", description="Export MiniCPM-V 4.6 to edge formats.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -282,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(e)
     e.set_defaults(func=cmd_executorch)
+
+    c = sub.add_parser("coreml", help="write Core ML packages for iOS (the float16 vision encoder an app runs on "
+                       "the Neural Engine beside llama.cpp's decoder), checked from their own bytes")
+    c.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
+    c.add_argument("--quant", default="int4", help="decoder weights: int4 (default, per block of 32), int8 or fp16")
+    c.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default) or 4x")
+    c.add_argument("--parts", default="vision", help="packages to write, comma-separated: vision (default); "
+                   "decoder is not built by this version yet")
+    c.add_argument("--out", help="output folder (default ./out/<model name>-coreml)")
+    c.add_argument("--force", action="store_true", help="replace a folder that holds other files")
+    c.add_argument("--no-validate", action="store_true", help="skip the checks of the written packages")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.set_defaults(func=cmd_coreml)
     return ap
 
 

@@ -1,0 +1,157 @@
+"""`python -m convert coreml`: Core ML packages for an iOS app.
+
+    OUT/MiniCPM-V-4.6-vision-16x.mlpackage   pixel_values [1, 3, 14h, 14w] -> image_features [n, H]
+                                              (mlprogram, iOS 18, float16; enumerated slice shapes)
+    OUT/config.json, tokenizer and processor files, manifest.json (sha256 and size of every file
+                                              inside each package, and of the package as a whole)
+
+The stateful decoder package (`--parts decoder`) is not built yet: asking for it is an error, not an
+empty file. Core ML runs only on Apple systems; here the packages are converted and checked from their
+own bytes (validate/coreml_artifact.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from .. import manifest
+from ..checkpoint import Checkpoint
+from ..errors import ConvertError
+from ..folder import staged_folder
+
+MODEL_NAME = "MiniCPM-V-4.6"
+QUANTS = ("fp16", "int8", "int4")
+PARTS = ("vision", "decoder")
+BUILT = ("vision",)
+
+
+def package_name(part: str, mode: str = "16x", quant: str = "fp16") -> str:
+    return f"{MODEL_NAME}-vision-{mode}.mlpackage" if part == "vision" else f"{MODEL_NAME}-decoder-{quant}.mlpackage"
+
+
+def check_options(quant: str, mode: str, parts: str) -> list[str]:
+    if quant not in QUANTS:
+        raise ConvertError(f"--quant {quant!r} is not supported for Core ML; choose one of {', '.join(QUANTS)}")
+    if mode not in ("16x", "4x"):
+        raise ConvertError(f"--mode {mode!r}: choose 16x or 4x")
+    got = [p.strip() for p in parts.split(",") if p.strip()]
+    bad = [p for p in got if p not in PARTS]
+    if bad or not got:
+        raise ConvertError(f"--parts {parts!r}: choose from {', '.join(PARTS)} (comma-separated)")
+    missing = [p for p in got if p not in BUILT]
+    if missing:
+        raise ConvertError(f"--parts {','.join(missing)}: the Core ML {' and '.join(missing)} package is not built by "
+                           f"this version yet; use --parts vision")
+    return got
+
+
+def _imports():
+    try:
+        import coremltools  # noqa: F401
+    except ImportError as e:
+        raise ConvertError(f"Core ML export needs coremltools (pip install -e '.[executorch]' installs it): {e}") from None
+
+
+def package_entry(path: Path, **fields) -> dict:
+    """A manifest entry for a package (a folder): every file's size and sha256, and one sha256 over
+    their relative paths and hashes."""
+    files = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        files.append({"path": f.relative_to(path).as_posix(), "size": f.stat().st_size,
+                      "sha256": manifest.sha256_file(f)})
+    h = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode())
+    return {"file": path.name, "size": sum(f["size"] for f in files), "sha256": h.hexdigest(), "files": files, **fields}
+
+
+def make_reproducible(package: Path) -> None:
+    """Same input, same bytes: coremltools writes the spec with protobuf maps in process-dependent order
+    and names the package's items by random UUIDs; here the spec is re-serialized deterministically and
+    the UUIDs derived from the package and item names. A file ExecuTorch's coremltools hook adds
+    (executorch_debug_handle_mapping.json) is not part of the package format and is removed."""
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    (package / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
+    man_path = package / "Manifest.json"
+    man = json.loads(man_path.read_text())
+    ids = {}
+    for old, item in man["itemInfoEntries"].items():
+        ids[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"minicpmv-edge/{package.name}/{item['path']}")).upper()
+        if item["name"] == "model.mlmodel":
+            spec_path = package / "Data" / item["path"]
+            m = Model_pb2.Model()
+            m.ParseFromString(spec_path.read_bytes())
+            spec_path.write_bytes(m.SerializeToString(deterministic=True))
+    man["itemInfoEntries"] = {ids[k]: v for k, v in sorted(man["itemInfoEntries"].items(), key=lambda kv: kv[1]["path"])}
+    man["rootModelIdentifier"] = ids[man["rootModelIdentifier"]]
+    man_path.write_text(json.dumps(man, indent=4) + "\n", encoding="utf-8")
+
+
+def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4", mode: str = "16x",
+                  parts: str = "vision", force: bool = False, quiet: bool = False) -> list[Path]:
+    """Write the folder; returns the package paths."""
+    from ..gguf.export import source_info
+    from ..hf_quant import check_out_dir, copy_side_files
+    from runtimes.reference import hf_quiet, load_reference_model
+
+    got = check_options(quant, mode, parts)
+    with _quiet_coremltools(quiet):
+        _imports()
+    out_dir = Path(out_dir)
+    check_out_dir(ckpt, out_dir, force)
+
+    def log(msg):
+        if not quiet:
+            print(msg, flush=True)
+
+    from .vision import convert_vision, slice_shapes
+
+    hf = load_reference_model(ckpt, quiet=quiet)
+    names, models, parts_built, info = [], [], [], {}
+    if "vision" in got:
+        shapes = slice_shapes(ckpt.processor.image_processor, mode)
+        t0 = time.perf_counter()
+        with hf_quiet(quiet), _quiet_coremltools(quiet):
+            models.append(convert_vision(hf, ckpt.spec, mode, shapes))
+        names.append(package_name("vision", mode))
+        parts_built.append("vision")
+        info["vision"] = {"mode": mode, "precision": "float16", "deployment_target": "iOS18",
+                          "pixel_shapes": [list(s) for s in shapes], "default_shape": list(shapes[0])}
+        log(f"  converted the {mode} vision encoder ({len(shapes)} enumerated slice shapes) in "
+            f"{time.perf_counter() - t0:.1f} s")
+    hf = None
+    with staged_folder(out_dir) as tmp:
+        for name, ml in zip(names, models):
+            with _quiet_coremltools(quiet):
+                ml.save(str(tmp / name))
+            make_reproducible(tmp / name)
+        (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        copied = [tmp / "config.json"] + copy_side_files(ckpt.path, tmp)
+        entries = [package_entry(tmp / n, kind="mlpackage", format="coreml", part=part)
+                   for n, part in zip(names, parts_built)]
+        entries += [manifest.artifact_entry(p, kind="copied") for p in copied]
+        import coremltools as ct
+
+        manifest.write(tmp, {**source_info(ckpt), "coreml": {**info, "coremltools": ct.__version__,
+                                                            "parts": got, "quant": quant}}, entries)
+    return [out_dir / n for n in names]
+
+
+def _quiet_coremltools(quiet: bool):
+    """coremltools' conversion bars, its import notes (no Core ML framework on Linux) and its warnings
+    about untested torch versions all go to stderr: silenced when quiet (errors still raise)."""
+    import contextlib
+    import io
+    import warnings
+
+    if not quiet:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack

@@ -1,0 +1,224 @@
+"""Core ML packages checked on Linux from their own bytes (Core ML itself runs only on Apple systems).
+
+For the vision package:
+- the program: specification version 9 (iOS 18), input `pixel_values` with the enumerated slice shapes
+  the manifest records (448x448 first, the default), output `image_features`;
+- an operator census: every MIL op exists for the iOS 18 target in coremltools' own op registry;
+- the weights read back from the package (coremltools' milproto loader) against the checkpoint:
+  each float16 const equal to its source tensor rounded to float16, named by its HF name;
+- a proxy run: the package's own weights in the PyTorch export module, against the float32
+  reference's features of a real image slice ("weights from the package, executed in PyTorch, not by
+  Core ML").
+Each failure is one message naming the package and what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from convert.errors import ConvertError
+
+SPEC_VERSION = {"iOS18": 9}
+PROXY = "coreml-proxy"
+PROXY_WORDING = "weights from the package, executed in PyTorch, not by Core ML"
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def read_coreml(folder: str | Path) -> dict:
+    """The folder's manifest and its packages by part; a ConvertError for anything else."""
+    folder = Path(folder)
+    try:
+        man = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{folder}: no readable manifest.json ({e.__class__.__name__})") from None
+    info = man.get("source", {}).get("coreml")
+    if info is None:
+        raise ConvertError(f"{folder}: not a Core ML export (its manifest has no coreml section)")
+    packages = {a["part"]: folder / a["file"] for a in man.get("artifacts", []) if a.get("kind") == "mlpackage"}
+    return {"folder": folder, "manifest": man, "info": info, "packages": packages}
+
+
+def _program(path: Path):
+    """(spec, MIL program) read from the package's files directly: coremltools' MLModel would rewrite
+    the package's Manifest.json on opening it, and a check must not change what it checks."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from coremltools.proto import Model_pb2
+
+    man = json.loads((path / "Manifest.json").read_text())
+    root = man["itemInfoEntries"][man["rootModelIdentifier"]]["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString((path / "Data" / root).read_bytes())
+    weights = path / "Data" / Path(root).parent / "weights"
+    prog = milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
+    return spec, prog
+
+
+def _census(prog, target) -> tuple[dict[str, int], list[str]]:
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    ops: dict[str, int] = {}
+    for f in prog.functions.values():
+        for op in f.operations:
+            ops[op.op_type] = ops.get(op.op_type, 0) + 1
+    missing = [o for o in sorted(ops) if target not in SSAOpRegistry.core_ops.get(o, {})]
+    return dict(sorted(ops.items())), missing
+
+
+def _consts(prog) -> dict[str, np.ndarray]:
+    out = {}
+    for f in prog.functions.values():
+        for op in f.operations:
+            if op.op_type == "const" and op.outputs[0].val is not None:
+                out[op.name] = np.asarray(op.outputs[0].val)
+    return out
+
+
+def check_vision_package(ckpt: Checkpoint, path: Path, info: dict, hf_model=None) -> tuple[list[dict], dict]:
+    """Checks of one vision package (see the module docstring): (checks, proxy figures)."""
+    import coremltools as ct
+
+    name = path.name
+    checks: list[dict] = []
+
+    def check(what: str, problems: list[str], ok: str) -> None:
+        checks.append({"check": what, "status": "fail" if problems else "pass",
+                       "message": f"{name}: {problems[0]}" if problems else ok, "details": problems})
+
+    try:
+        with _quiet():
+            spec, prog = _program(path)
+    except Exception as e:  # coremltools raises many types on a damaged package
+        check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
+        return checks, {}
+    problems = []
+    want = SPEC_VERSION[info.get("deployment_target", "iOS18")]
+    if spec.specificationVersion != want:
+        problems.append(f"specification version {spec.specificationVersion}, iOS 18 needs {want}")
+    inputs = {i.name: i for i in spec.description.input}
+    outputs = [o.name for o in spec.description.output]
+    if list(inputs) != ["pixel_values"]:
+        problems.append(f"inputs {list(inputs)}, expected ['pixel_values']")
+    else:
+        arr = inputs["pixel_values"].type.multiArrayType
+        shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes]
+        c = ckpt.spec.vision.num_channels
+        expect = [[1, c, h, w] for h, w in info["pixel_shapes"]]
+        if shapes != expect:
+            diff = next((f"{s} where {e} was written" for s, e in zip(shapes, expect) if s != e),
+                        f"{len(shapes)} shapes for {len(expect)}")
+            problems.append(f"pixel_values enumerated shapes differ from the processor's: {diff}")
+        if list(arr.shape) != [1, c, *info["default_shape"]]:
+            problems.append(f"pixel_values default shape {list(arr.shape)}, expected {[1, c, *info['default_shape']]}")
+    if outputs != ["image_features"]:
+        problems.append(f"outputs {outputs}, expected ['image_features']")
+    check("program", problems, f"spec {spec.specificationVersion} (iOS 18), pixel_values with "
+                               f"{len(info['pixel_shapes'])} enumerated shapes, image_features")
+
+    ops, missing = _census(prog, ct.target.iOS18)
+    check("operators", [f"op {o} does not exist for iOS 18" for o in missing],
+          f"{sum(ops.values())} ops of {len(ops)} types, all in iOS 18's opset")
+
+    from convert.coreml.vision import weight_names
+    from runtimes.reference import ReferenceRuntime
+
+    own = hf_model is None
+    if own:
+        hf_model = ReferenceRuntime(ckpt).model
+    names = weight_names(hf_model, ckpt.spec, info["mode"])
+    consts = _consts(prog)
+    params = dict(hf_model.named_parameters(remove_duplicate=False))
+    problems, found = [], {}
+    for cname, hf_name in names.items():
+        key = next((k for k in (cname + "_to_fp16", cname) if k in consts), None)
+        if key is None:
+            problems.append(f"weight {hf_name}: no const {cname} in the package")
+            continue
+        got = consts[key]
+        src = params[hf_name].detach().float().numpy().astype(np.float16)
+        if got.shape != src.shape:
+            problems.append(f"weight {hf_name}: shape {list(got.shape)}, the source's is {list(src.shape)}")
+        elif not np.array_equal(got.astype(np.float16), src):
+            bad = float(np.mean(got.astype(np.float16) != src))
+            problems.append(f"weight {hf_name}: differs from the source in float16 ({bad:.1%} of its values)")
+        else:
+            found[hf_name] = got
+    check("weights", problems, f"{len(found)} weights equal the source in float16")
+
+    proxy = {}
+    if not problems:
+        proxy = _proxy(ckpt, hf_model, info, found)
+        tol = 0.999
+        bad = [f"{PROXY}: {r['shape']} slice cosine {r['cosine']:.5f} < {tol}" for r in proxy["slices"] if r["cosine"] < tol]
+        check("proxy", bad, f"{PROXY} ({PROXY_WORDING}): min cosine {min(r['cosine'] for r in proxy['slices']):.6f} "
+                            f"against the float32 reference over {len(proxy['slices'])} slice shapes")
+    return checks, proxy
+
+
+def _proxy(ckpt: Checkpoint, hf_model, info: dict, weights: dict[str, np.ndarray]) -> dict:
+    """The encoder with the package's float16 weights, computing in float16 as the package does (torch's
+    CPU float16 kernels, not Core ML's), against the float32 one on the test image resized to the
+    default and two other enumerated shapes."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from convert.modules import VisionEncoder
+
+    src = Image.open(Path(__file__).resolve().parents[1] / "recipes" / "images" / "astronaut.jpg").convert("RGB")
+    ip = ckpt.processor.image_processor
+    mean = np.asarray(ip.image_mean, np.float32)[:, None, None]
+    std = np.asarray(ip.image_std, np.float32)[:, None, None]
+    mode = info["mode"]
+    ref = VisionEncoder(hf_model, ckpt.spec, mode).eval()
+    # a copy of the vision parts only (VisionEncoder reads model.vision_tower and model.merger)
+    inner = SimpleNamespace(vision_tower=copy.deepcopy(hf_model.model.vision_tower).half(),
+                            merger=copy.deepcopy(hf_model.model.merger).half())
+    with torch.no_grad():
+        for part in ("vision_tower", "merger"):
+            own = dict(getattr(inner, part).named_parameters(remove_duplicate=False))
+            for n, w in weights.items():
+                if n.startswith(f"model.{part}."):
+                    own[n[len(f"model.{part}."):]].copy_(torch.from_numpy(w))
+    pkg = VisionEncoder(SimpleNamespace(model=inner), ckpt.spec, mode).eval()  # float16 compute, as the package's
+    rows = []
+    shapes = [tuple(s) for s in info["pixel_shapes"]]
+    for h, w in dict.fromkeys([shapes[0], *shapes[1:3]]):
+        x = (np.asarray(src.resize((w, h), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+        t = torch.from_numpy(np.ascontiguousarray(x))[None]
+        with torch.no_grad():
+            a, b = ref(t).numpy(), pkg(t.half()).float().numpy()
+        cos = float((a.ravel() @ b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+        rows.append({"shape": [h, w], "tokens": int(a.shape[0]), "cosine": cos})
+    return {"runtime": PROXY, "wording": PROXY_WORDING, "slices": rows}
+
+
+def validate_coreml(ckpt: Checkpoint, folder: str | Path, quiet: bool = False) -> dict:
+    """Every package of the folder; {"status", "checks", "proxy"}."""
+    from runtimes.reference import ReferenceRuntime, hf_quiet
+
+    art = read_coreml(folder)
+    checks, proxy = [], {}
+    with hf_quiet(quiet):
+        hf = ReferenceRuntime(ckpt).model
+    for part, path in art["packages"].items():
+        if part == "vision":
+            c, p = check_vision_package(ckpt, path, art["info"]["vision"], hf)
+            checks += c
+            proxy[part] = p
+    status = "fail" if any(c["status"] == "fail" for c in checks) else "pass"
+    return {"status": status, "checks": checks, "proxy": proxy}
