@@ -213,13 +213,14 @@ def cmd_executorch(args) -> int:
 
 
 def cmd_coreml(args) -> int:
-    from .coreml.export import check_options, export_coreml
+    from .coreml.export import check_options, check_sizes, export_coreml
 
     check_options(args.quant, args.mode, args.parts)
+    check_sizes(args.max_context, args.prefill_len)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-coreml"
     paths = export_coreml(ckpt, out, quant=args.quant, mode=args.mode, parts=args.parts, force=args.force,
-                          quiet=args.quiet)
+                          max_context=args.max_context, prefill=args.prefill_len, quiet=args.quiet)
     for p in paths:
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         print(f"wrote {p} ({size / 2**20:.1f} MiB)")
@@ -314,8 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
     c.add_argument("--quant", default="int4", help="decoder weights: int4 (default, per block of 32), int8 or fp16")
     c.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default) or 4x")
-    c.add_argument("--parts", default="vision", help="packages to write, comma-separated: vision (default); "
-                   "decoder is not built by this version yet")
+    c.add_argument("--parts", default="vision,decoder", help="packages to write, comma-separated: vision, decoder "
+                   "(default both)")
+    c.add_argument("--max-context", type=int, default=4096, help="positions the K/V states hold (default 4096)")
+    c.add_argument("--prefill-len", type=int, default=32, help="tokens per call of the decoder's prefill function "
+                   "(default 32)")
     c.add_argument("--out", help="output folder (default ./out/<model name>-coreml)")
     c.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     c.add_argument("--no-validate", action="store_true", help="skip the checks of the written packages")

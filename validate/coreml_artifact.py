@@ -73,7 +73,10 @@ def _census(prog, target) -> tuple[dict[str, int], list[str]]:
     for f in prog.functions.values():
         for op in f.operations:
             ops[op.op_type] = ops.get(op.op_type, 0) + 1
-    missing = [o for o in sorted(ops) if target not in SSAOpRegistry.core_ops.get(o, {})]
+    # coreml-dialect ops (coreml_update_state) are expanded by Core ML's own loader (into write_state and
+    # read_state for this one); every other op must be in the target's opset
+    missing = [o for o in sorted(ops) if target not in SSAOpRegistry.core_ops.get(o, {})
+               and not (o.startswith("coreml_") and o in SSAOpRegistry.dialect_ops)]
     return dict(sorted(ops.items())), missing
 
 
@@ -136,7 +139,10 @@ def check_vision_package(ckpt: Checkpoint, path: Path, info: dict, hf_model=None
 
     own = hf_model is None
     if own:
+        from convert.coreml.vision import drop_text
+
         hf_model = ReferenceRuntime(ckpt).model
+        drop_text(hf_model)
     names = weight_names(hf_model, ckpt.spec, info["mode"])
     consts = _consts(prog)
     params = dict(hf_model.named_parameters(remove_duplicate=False))
@@ -207,18 +213,159 @@ def _proxy(ckpt: Checkpoint, hf_model, info: dict, weights: dict[str, np.ndarray
     return {"runtime": PROXY, "wording": PROXY_WORDING, "slices": rows}
 
 
+def _decoder_names(hf_model, spec) -> dict[str, str]:
+    """Core ML const name -> HF tensor name for the decoder functions' parameters (by identity with the
+    transformers model the export modules share; a model on the meta device is enough)."""
+    from convert.coreml.decoder import StatefulDecoder, _Embed
+
+    hf_names = {id(p): n for n, p in hf_model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for mod in (StatefulDecoder(hf_model, spec.text, 1), _Embed(hf_model)):
+        out.update({"p_" + n.replace(".", "_"): hf_names[id(p)] for n, p in mod.named_parameters()})
+    return out
+
+
+def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) -> list[dict]:
+    """The decoder package: its functions (decode, prefill, embed), each one's inputs, outputs and float16
+    states, the opset and compression ops, and every weight against the source: a quantized one equal to
+    coremltools' own quantization of the source tensor in float16 (data and scales), others equal in
+    float16."""
+    import coremltools as ct
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights as lq
+
+    from convert.spec import FULL
+
+    name = path.name
+    checks: list[dict] = []
+
+    def check(what: str, problems: list[str], ok: str) -> None:
+        checks.append({"check": f"decoder {what}", "status": "fail" if problems else "pass",
+                       "message": f"{name}: {problems[0]}" if problems else ok, "details": problems})
+
+    try:
+        with _quiet():
+            spec, prog = _program(path)
+    except Exception as e:  # coremltools raises many types on a damaged package
+        check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
+        return checks
+    t, C, P = ckpt.spec.text, info["max_context"], info["prefill_len"]
+    states = {}
+    for i, kind in enumerate(t.layer_types):
+        if kind == FULL:
+            states[f"k_cache_{i}"] = states[f"v_cache_{i}"] = [1, t.num_kv_heads, C, t.head_dim]
+        else:
+            states[f"conv_state_{i}"] = [1, t.linear_conv_dim, t.conv_kernel - 1]
+            states[f"recurrent_state_{i}"] = [1, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim]
+    want = {"decode": ({"inputs_embeds": [1, 1, t.hidden_size], "cache_position": [1]}, ["logits"], states),
+            "prefill": ({"inputs_embeds": [1, P, t.hidden_size], "cache_position": [P]}, ["logits"], states),
+            "embed": ({"input_ids": [1, 1]}, ["inputs_embeds"], {})}
+    problems = []
+    if spec.specificationVersion != SPEC_VERSION["iOS18"]:
+        problems.append(f"specification version {spec.specificationVersion}, iOS 18 needs {SPEC_VERSION['iOS18']}")
+    funcs = {f.name: f for f in spec.description.functions}
+    if sorted(funcs) != sorted(want):
+        problems.append(f"functions {sorted(funcs)}, expected {sorted(want)}")
+    if spec.description.defaultFunctionName != "decode":
+        problems.append(f"default function {spec.description.defaultFunctionName!r}, expected 'decode'")
+    f16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    for fname, (ins, outs, sts) in want.items():
+        f = funcs.get(fname)
+        if f is None:
+            continue
+        got_in = {i.name: list(i.type.multiArrayType.shape) for i in f.input}
+        if got_in != ins:
+            problems.append(f"function {fname}: inputs {got_in}, expected {ins}")
+        if [o.name for o in f.output] != outs:
+            problems.append(f"function {fname}: outputs {[o.name for o in f.output]}, expected {outs}")
+        got_st = {s.name: (list(s.type.stateType.arrayType.shape), s.type.stateType.arrayType.dataType) for s in f.state}
+        for sname, shape in sts.items():
+            if sname not in got_st:
+                problems.append(f"function {fname}: state {sname} is missing")
+            elif got_st[sname] != (shape, f16):
+                problems.append(f"function {fname}: state {sname} is {got_st[sname][0]}, expected float16 {shape}")
+        for extra in sorted(set(got_st) - set(sts)):
+            problems.append(f"function {fname}: unexpected state {extra}")
+    check("program", problems, f"spec {spec.specificationVersion} (iOS 18), functions decode / prefill of {P} / embed, "
+                               f"{len(states)} float16 states of a {C}-position context")
+
+    problems, n_ops = [], 0
+    quant = info["quant"]
+    for fname, fn in prog.functions.items():
+        ops, missing = _census(SimpleProgram(fn), ct.target.iOS18)
+        n_ops += sum(ops.values())
+        problems += [f"function {fname}: op {o} does not exist for iOS 18" for o in missing]
+        packed = ops.get("constexpr_blockwise_shift_scale", 0)
+        if quant == "fp16" and packed:
+            problems.append(f"function {fname}: {packed} quantized weights in an fp16 package")
+        if quant != "fp16" and not packed:
+            problems.append(f"function {fname}: no {quant} weights (no constexpr_blockwise_shift_scale op)")
+    check("operators", problems, f"{n_ops} ops over {len(prog.functions)} functions, all in iOS 18's opset, "
+                                 f"{quant} weights as constexpr_blockwise_shift_scale" if quant != "fp16" else
+          f"{n_ops} ops over {len(prog.functions)} functions, all in iOS 18's opset")
+
+    names = _decoder_names(hf_model, ckpt.spec)
+    problems, n = [], 0
+    blocks = [1, 32] if quant == "int4" else [1, 0]
+    for fname, fn in prog.functions.items():
+        ops = {op.name: op for op in fn.operations}
+        for cname, hf_name in names.items():
+            src = None
+            if cname + "_to_fp16_quantized" in ops:
+                op = ops[cname + "_to_fp16_quantized"]
+                src = _source(ckpt, hf_name)
+                qp = lq.blockwise_compress(src, nbits=4 if quant == "int4" else 8, mode="LINEAR_SYMMETRIC", signed=True,
+                                           block_sizes=blocks)
+                data, scale = op.inputs["data"].val, op.inputs["scale"].val
+                if qp is None or not (np.array_equal(qp.data, data) and np.array_equal(qp.scale, scale)):
+                    problems.append(f"function {fname}: weight {hf_name}: its {quant} data or scales differ from "
+                                    f"coremltools' quantization of the source")
+                n += 1
+            else:
+                key = next((k for k in (cname + "_to_fp16", cname) if k in ops and ops[k].op_type == "const"), None)
+                if key is None:
+                    continue  # this function does not use it (the embedding outside embed, lm_head inside it)
+                src = _source(ckpt, hf_name)
+                got = np.asarray(ops[key].outputs[0].val)
+                if got.shape != src.shape or not np.array_equal(got.astype(np.float16), src):
+                    problems.append(f"function {fname}: weight {hf_name}: differs from the source in float16")
+                n += 1
+    used = {hf for hf in names.values()}
+    check("weights", problems, f"{n} weight uses over the functions ({len(used)} tensors) equal the source "
+                               f"({quant} as coremltools quantizes it)")
+    return checks
+
+
+def _source(ckpt: Checkpoint, hf_name: str) -> np.ndarray:
+    """The source tensor in float16, as the conversion rounds it (a tied lm_head reads the embedding)."""
+    if hf_name not in ckpt and hf_name == "lm_head.weight" and ckpt.spec.tie_word_embeddings:
+        hf_name = "model.language_model.embed_tokens.weight"
+    return ckpt.tensor(hf_name).astype(np.float16)
+
+
+class SimpleProgram:
+    """One MIL function seen as a program (for _census)."""
+
+    def __init__(self, fn):
+        self.functions = {"main": fn}
+
+
 def validate_coreml(ckpt: Checkpoint, folder: str | Path, quiet: bool = False) -> dict:
     """Every package of the folder; {"status", "checks", "proxy"}."""
     from runtimes.reference import ReferenceRuntime, hf_quiet
 
     art = read_coreml(folder)
     checks, proxy = [], {}
+    from convert.coreml.vision import drop_text
+
     with hf_quiet(quiet):
         hf = ReferenceRuntime(ckpt).model
+    drop_text(hf)  # the checks below read the vision parts only
     for part, path in art["packages"].items():
         if part == "vision":
             c, p = check_vision_package(ckpt, path, art["info"]["vision"], hf)
             checks += c
             proxy[part] = p
+        elif part == "decoder":
+            checks += check_decoder_package(ckpt, path, art["info"]["decoder"], hf)
     status = "fail" if any(c["status"] == "fail" for c in checks) else "pass"
     return {"status": status, "checks": checks, "proxy": proxy}

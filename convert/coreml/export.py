@@ -25,7 +25,9 @@ from ..folder import staged_folder
 MODEL_NAME = "MiniCPM-V-4.6"
 QUANTS = ("fp16", "int8", "int4")
 PARTS = ("vision", "decoder")
-BUILT = ("vision",)
+BUILT = ("vision", "decoder")
+DEFAULT_CONTEXT = 4096  # the phone apps' context; the K/V states are static at this size
+DEFAULT_PREFILL = 32  # tokens per call of the decoder's prefill function
 
 
 def package_name(part: str, mode: str = "16x", quant: str = "fp16") -> str:
@@ -48,6 +50,13 @@ def check_options(quant: str, mode: str, parts: str) -> list[str]:
     return got
 
 
+def check_sizes(max_context: int, prefill: int) -> None:
+    if not 16 <= max_context <= 1 << 17:
+        raise ConvertError(f"--max-context {max_context}: choose 16..131072 positions")
+    if not 2 <= prefill <= min(max_context, 512):
+        raise ConvertError(f"--prefill-len {prefill}: choose 2..{min(max_context, 512)} tokens per prefill call")
+
+
 def _imports():
     try:
         import coremltools  # noqa: F401
@@ -64,6 +73,26 @@ def package_entry(path: Path, **fields) -> dict:
                       "sha256": manifest.sha256_file(f)})
     h = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in files).encode())
     return {"file": path.name, "size": sum(f["size"] for f in files), "sha256": h.hexdigest(), "files": files, **fields}
+
+
+def _save_multifunction(funcs: dict, dest: Path, scratch: Path) -> None:
+    """One package holding every function (consts equal across functions are stored once), the first
+    one the default."""
+    import shutil
+
+    import coremltools as ct
+
+    desc = ct.utils.MultiFunctionDescriptor()
+    parts = []
+    for fname, ml in funcs.items():
+        p = scratch / f".{fname}.mlpackage"
+        ml.save(str(p))
+        parts.append(p)
+        desc.add_function(str(p), src_function_name="main", target_function_name=fname)
+    desc.default_function_name = next(iter(funcs))
+    ct.utils.save_multifunction(desc, str(dest))
+    for p in parts:
+        shutil.rmtree(p)
 
 
 def make_reproducible(package: Path) -> None:
@@ -92,13 +121,15 @@ def make_reproducible(package: Path) -> None:
 
 
 def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4", mode: str = "16x",
-                  parts: str = "vision", force: bool = False, quiet: bool = False) -> list[Path]:
+                  parts: str = "vision,decoder", max_context: int = DEFAULT_CONTEXT, prefill: int = DEFAULT_PREFILL,
+                  force: bool = False, quiet: bool = False) -> list[Path]:
     """Write the folder; returns the package paths."""
     from ..gguf.export import source_info
     from ..hf_quant import check_out_dir, copy_side_files
     from runtimes.reference import hf_quiet, load_reference_model
 
     got = check_options(quant, mode, parts)
+    check_sizes(max_context, prefill)
     with _quiet_coremltools(quiet):
         _imports()
     out_dir = Path(out_dir)
@@ -108,9 +139,11 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
         if not quiet:
             print(msg, flush=True)
 
-    from .vision import convert_vision, slice_shapes
+    from .vision import convert_vision, drop_text, slice_shapes
 
     hf = load_reference_model(ckpt, quiet=quiet)
+    if "decoder" not in got:
+        drop_text(hf)
     names, models, parts_built, info = [], [], [], {}
     if "vision" in got:
         shapes = slice_shapes(ckpt.processor.image_processor, mode)
@@ -123,11 +156,30 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
                           "pixel_shapes": [list(s) for s in shapes], "default_shape": list(shapes[0])}
         log(f"  converted the {mode} vision encoder ({len(shapes)} enumerated slice shapes) in "
             f"{time.perf_counter() - t0:.1f} s")
+    if "decoder" in got:
+        from .decoder import convert_decoder_function, convert_embedding
+
+        t0 = time.perf_counter()
+        funcs = {}
+        with hf_quiet(quiet), _quiet_coremltools(quiet):
+            funcs["decode"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, 1)
+            funcs["prefill"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, prefill)
+            funcs["embed"] = convert_embedding(hf, ckpt.spec.text, quant, max_context)
+        models.append(funcs)
+        names.append(package_name("decoder", quant=quant))
+        parts_built.append("decoder")
+        info["decoder"] = {"quant": quant, "block_size": 32 if quant == "int4" else None, "precision": "float16",
+                           "deployment_target": "iOS18", "max_context": max_context, "prefill_len": prefill,
+                           "functions": {"decode": 1, "prefill": prefill, "embed": None}, "default_function": "decode"}
+        log(f"  converted the {quant} decoder (decode, prefill of {prefill}, embed) in {time.perf_counter() - t0:.1f} s")
     hf = None
     with staged_folder(out_dir) as tmp:
         for name, ml in zip(names, models):
             with _quiet_coremltools(quiet):
-                ml.save(str(tmp / name))
+                if isinstance(ml, dict):
+                    _save_multifunction(ml, tmp / name, tmp)
+                else:
+                    ml.save(str(tmp / name))
             make_reproducible(tmp / name)
         (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copied = [tmp / "config.json"] + copy_side_files(ckpt.path, tmp)

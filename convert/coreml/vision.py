@@ -77,3 +77,10 @@ def weight_names(hf_model, spec: ModelSpec, mode: str) -> dict[str, str]:
     enc = VisionEncoder(hf_model, spec, mode, max_grid=1)
     hf_names = {id(p): n for n, p in hf_model.named_parameters(remove_duplicate=False)}
     return {"p_" + n.replace(".", "_"): hf_names[id(p)] for n, p in enc.named_parameters()}
+
+
+def drop_text(hf_model) -> None:
+    """Free the decoder's weights (the token embedding and lm_head included) of a model only its vision
+    parts will be read from: 2.9 of the full-size model's 5.2 GB in float32."""
+    hf_model.model.language_model.to_empty(device="meta")
+    hf_model.lm_head.to_empty(device="meta")
