@@ -375,7 +375,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         try:
             return args.func(args)
         except ConvertError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # one line whatever the message holds (a damaged file's names can contain line breaks)
+            print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
             return e.exit_code
         except Interrupted as e:
             print(f"error: interrupted ({e.name})", file=sys.stderr)

@@ -41,6 +41,9 @@ def test_header_longer_than_a_read(tiny_gguf, monkeypatch):
         def read(self, n):
             return self.f.read(min(n, 997))
 
+        def fileno(self):
+            return self.f.fileno()
+
         def __enter__(self):
             return self
 

@@ -10,6 +10,7 @@ GGUFReader's layout (float types in numpy order, block types as uint8 rows of by
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class GGUFFile:
         self.path = Path(path)
         self._map = _Map(self.path)
         with open(self.path, "rb") as f:
+            self.file_size = os.fstat(f.fileno()).st_size
             buf = f.read(1 << 20)
             self.version, n_tensors, n_kv = 0, 0, 0
             try:
@@ -82,6 +84,9 @@ class GGUFFile:
                 raise ValueError("not a GGUF file (bad magic)")
             if self.version not in (2, 3):
                 raise ValueError(f"GGUF version {self.version} is not supported")
+            if (n_kv + n_tensors) * 12 > self.file_size:  # each entry takes at least 12 bytes
+                raise ValueError(f"truncated or damaged GGUF header ({n_kv} keys and {n_tensors} tensors "
+                                 f"in {self.file_size} bytes)")
             self._f, self._buf, self._off, self._pos = f, buf, 24, 0
             self.kv: dict[str, object] = {}
             self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
@@ -113,8 +118,11 @@ class GGUFFile:
             if name in seen:
                 raise ValueError(f"duplicated tensor {name}")
             seen.add(name)
-            n = int(np.prod(dims.astype(np.int64))) if len(dims) else 1
+            n = int(np.prod([int(d) for d in dims])) if len(dims) else 1
             block, size = GGML_QUANT_SIZES[qt]
+            if n % block or start + int(off) + n * size // block > self.file_size:
+                raise ValueError(f"truncated or damaged GGUF: tensor {name}'s data ({n} values of {qt.name}) does not "
+                                 f"fit in the file's {self.file_size} bytes")
             self.tensors.append(GGUFTensor(name, qt, dims, n, n * size // block, start + int(off), self._map))
         self.data_start = start
 
@@ -125,6 +133,8 @@ class GGUFFile:
 
     def _need(self, n: int) -> None:
         """Make sure `n` bytes from the read offset are in the buffer (the header is read in 1 MiB steps)."""
+        if self._pos + self._off + n > self.file_size:
+            raise ValueError("truncated GGUF header")
         if self._off + n > len(self._buf):
             self._buf = self._buf[self._off:]
             self._pos += self._off  # file offset of the buffer's first byte
