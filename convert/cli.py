@@ -230,7 +230,9 @@ def cmd_coreml(args) -> int:
     from validate.coreml_artifact import PROXY_WORDING, validate_coreml
 
     rep = validate_coreml(ckpt, out, quiet=args.quiet)
-    (out / "validation.json").write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+    from .manifest import write_text_atomic
+
+    write_text_atomic(out / "validation.json", json.dumps(rep, indent=2) + "\n")
     for c in rep["checks"]:
         print(f"  {c['check']:10s} {c['status']:5s} {c['message']}")
     print(f"validation {'passed' if rep['status'] == 'pass' else 'FAILED'} on Linux from the packages' own bytes "

@@ -19,7 +19,6 @@ where it loads, else kquants in plain numpy.
 from __future__ import annotations
 
 import functools
-
 import os
 
 import numpy as np
@@ -146,7 +145,7 @@ def decode(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
         return np.asarray(data, dtype=np.float32).reshape(shape)
     if qtype == T.F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
-    if _ggml_decodes(qtype):  # ggml's own to_float: the same floats (tests/test_ggml_ref.py), 5-10x faster
+    if _ggml_decodes(qtype):  # ggml's own to_float: the same floats (tests/test_kquants.py), 5-10x faster
         from . import ggml_ref
 
         return ggml_ref.dequantize_rows(data, qtype, shape[-1]).reshape(shape)

@@ -69,7 +69,6 @@ class LazyWeights:
         self.model = model
         self.units = _units(model, MIN_UNIT_PARAMS if min_params is None else min_params)
         self._base: dict[int, torch.Tensor] = {}  # id(param) -> compact tensor
-        self._params: dict[int, torch.nn.Parameter] = {}
         self._names: dict[str, int] = {}
         self._variants: dict[str, dict[int, Callable[[torch.Tensor], None]]] = {}
         self._rows: dict[str, dict[int, Callable]] = {}
@@ -87,7 +86,6 @@ class LazyWeights:
             for p in model.parameters():
                 if id(p) in unit_params:
                     self._base[id(p)] = p.data
-                    self._params[id(p)] = p
                     p.data = _placeholder(p)
                 elif p.is_floating_point() and p.dtype != _WIDE:
                     p.data = p.data.to(_WIDE)
@@ -112,13 +110,13 @@ class LazyWeights:
         bad = [n for n in fetch if n not in self._names]
         if bad:
             raise ValueError(f"the model has no parameter {', '.join(bad[:3])}")
-        self._variants[name] = {self._names[n]: f for n, f in fetch.items() if self._names[n] in self._params}
+        self._variants[name] = {self._names[n]: f for n, f in fetch.items() if self._names[n] in self._base}
         self._rows[name] = {self._names[n]: f for n, f in (rows or {}).items()}
         # small resident parameters: their variant value, swapped in while the variant is active
         self._resident[name] = {}
         for n, f in fetch.items():
             pid = self._names[n]
-            if pid not in self._params:
+            if pid not in self._base:
                 p = dict(self.model.named_parameters(remove_duplicate=False))[n]
                 val = torch.empty(tuple(p.shape), dtype=_WIDE)
                 f(val)

@@ -41,7 +41,8 @@ class ReferenceRuntime(Runtime):
         self.torch = torch
         dense = getattr(self.ckpt, "dense_view", False) and self.reads_dense_view
         # lazy: float32 computation on weights held in the checkpoint's dtype (runtimes/lazy_weights.py)
-        load = storage_dtype(self.ckpt) if lazy and dtype == "float32" and not dense else dtype
+        lazy = lazy and dtype == "float32"
+        load = storage_dtype(self.ckpt) if lazy and not dense else dtype
         try:
             if dense:
                 self.model = self._from_dense_view(load)
@@ -50,7 +51,7 @@ class ReferenceRuntime(Runtime):
                     self.ckpt.path, dtype=getattr(torch, load), local_files_only=True).eval()
         except Exception as e:  # transformers raises many types on a config it cannot build (a null it reads)
             raise ConvertError(f"{self.ckpt.path}: cannot load the model ({e.__class__.__name__}: {str(e)[:200]})") from None
-        self.lazy = LazyWeights(self.model) if lazy and dtype == "float32" else None
+        self.lazy = LazyWeights(self.model) if lazy else None
         self.tokenizer = self.ckpt.tokenizer
         self.mode = mode  # token mode of image_layout / prefill images
         self.n_vocab = int(self.model.config.text_config.vocab_size)

@@ -66,11 +66,30 @@ def _program(path: Path):
     return spec, prog
 
 
-def _census(prog, target) -> tuple[dict[str, int], list[str]]:
+def _recorder(path: Path, checks: list[dict], prefix: str):
+    """check(what, problems, ok): one row of `checks`, failing with the package's name and the first problem."""
+    def check(what: str, problems: list[str], ok: str) -> None:
+        checks.append({"check": prefix + what, "status": "fail" if problems else "pass",
+                       "message": f"{path.name}: {problems[0]}" if problems else ok, "details": problems})
+    return check
+
+
+def _read(path: Path, check):
+    """(spec, program), or (None, None) with a failed "program" check when coremltools cannot read it."""
+    try:
+        with _quiet():
+            return _program(path)
+    except Exception as e:  # coremltools raises many types on a damaged package
+        check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
+        return None, None
+
+
+def _census(functions, target) -> tuple[dict[str, int], list[str]]:
+    """Op counts over MIL functions, and the ops missing from `target`'s opset."""
     from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
     ops: dict[str, int] = {}
-    for f in prog.functions.values():
+    for f in functions:
         for op in f.operations:
             ops[op.op_type] = ops.get(op.op_type, 0) + 1
     # coreml-dialect ops (coreml_update_state) are expanded by Core ML's own loader (into write_state and
@@ -93,18 +112,10 @@ def check_vision_package(ckpt: Checkpoint, path: Path, info: dict, hf_model=None
     """Checks of one vision package (see the module docstring): (checks, proxy figures)."""
     import coremltools as ct
 
-    name = path.name
     checks: list[dict] = []
-
-    def check(what: str, problems: list[str], ok: str) -> None:
-        checks.append({"check": what, "status": "fail" if problems else "pass",
-                       "message": f"{name}: {problems[0]}" if problems else ok, "details": problems})
-
-    try:
-        with _quiet():
-            spec, prog = _program(path)
-    except Exception as e:  # coremltools raises many types on a damaged package
-        check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
+    check = _recorder(path, checks, "")
+    spec, prog = _read(path, check)
+    if spec is None:
         return checks, {}
     problems = []
     want = SPEC_VERSION[info.get("deployment_target", "iOS18")]
@@ -130,7 +141,7 @@ def check_vision_package(ckpt: Checkpoint, path: Path, info: dict, hf_model=None
     check("program", problems, f"spec {spec.specificationVersion} (iOS 18), pixel_values with "
                                f"{len(info['pixel_shapes'])} enumerated shapes, image_features")
 
-    ops, missing = _census(prog, ct.target.iOS18)
+    ops, missing = _census(prog.functions.values(), ct.target.iOS18)
     check("operators", [f"op {o} does not exist for iOS 18" for o in missing],
           f"{sum(ops.values())} ops of {len(ops)} types, all in iOS 18's opset")
 
@@ -235,18 +246,10 @@ def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) ->
 
     from convert.spec import FULL
 
-    name = path.name
     checks: list[dict] = []
-
-    def check(what: str, problems: list[str], ok: str) -> None:
-        checks.append({"check": f"decoder {what}", "status": "fail" if problems else "pass",
-                       "message": f"{name}: {problems[0]}" if problems else ok, "details": problems})
-
-    try:
-        with _quiet():
-            spec, prog = _program(path)
-    except Exception as e:  # coremltools raises many types on a damaged package
-        check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
+    check = _recorder(path, checks, "decoder ")
+    spec, prog = _read(path, check)
+    if spec is None:
         return checks
     t, C, P = ckpt.spec.text, info["max_context"], info["prefill_len"]
     states = {}
@@ -291,7 +294,7 @@ def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) ->
     problems, n_ops = [], 0
     quant = info["quant"]
     for fname, fn in prog.functions.items():
-        ops, missing = _census(SimpleProgram(fn), ct.target.iOS18)
+        ops, missing = _census([fn], ct.target.iOS18)
         n_ops += sum(ops.values())
         problems += [f"function {fname}: op {o} does not exist for iOS 18" for o in missing]
         packed = ops.get("constexpr_blockwise_shift_scale", 0)
@@ -340,13 +343,6 @@ def _source(ckpt: Checkpoint, hf_name: str) -> np.ndarray:
     if hf_name not in ckpt and hf_name == "lm_head.weight" and ckpt.spec.tie_word_embeddings:
         hf_name = "model.language_model.embed_tokens.weight"
     return ckpt.tensor(hf_name).astype(np.float16)
-
-
-class SimpleProgram:
-    """One MIL function seen as a program (for _census)."""
-
-    def __init__(self, fn):
-        self.functions = {"main": fn}
 
 
 def validate_coreml(ckpt: Checkpoint, folder: str | Path, quiet: bool = False) -> dict:

@@ -15,28 +15,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..modules.ops import causal_conv_plain, l2norm
 from ..modules.text import TextDecoder
 from ..spec import FULL, TextSpec
 
 STATE_DTYPE = torch.float16
 
 
-def _causal_conv(x, state, weight):
-    full = torch.cat([state.to(x.dtype), x], dim=-1)
-    y = F.silu(F.conv1d(full, weight.to(x.dtype), groups=x.shape[1]))
-    return y, full[:, :, full.shape[-1] - state.shape[-1]:]
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
-
-
 def _delta_rule(q, k, v, g, beta, state):
     """transformers' recurrent gated delta rule (torch_recurrent_gated_delta_rule) over a static T,
     one token after another: q, k [B, T, Hk, dk], v [B, T, Hv, dv], g, beta [B, T, Hv], state [B, Hv, dk, dv]."""
     rep = v.shape[2] // k.shape[2]
-    q = _l2norm(q) * (q.shape[-1] ** -0.5)
-    k = _l2norm(k)
+    q = l2norm(q) * (q.shape[-1] ** -0.5)
+    k = l2norm(k)
     if rep > 1:
         q = q.repeat_interleave(rep, dim=2)
         k = k.repeat_interleave(rep, dim=2)
@@ -54,7 +45,7 @@ def _delta_rule(q, k, v, g, beta, state):
 class StatefulDecoder(TextDecoder):
     """See the module docstring."""
 
-    _causal_conv = staticmethod(_causal_conv)
+    _causal_conv = staticmethod(causal_conv_plain)  # the states reach it cast to the activations' dtype
     _delta_rule = staticmethod(_delta_rule)
 
     def __init__(self, hf_model, text: TextSpec, max_context: int, state_dtype: torch.dtype = STATE_DTYPE):

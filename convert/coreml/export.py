@@ -144,14 +144,12 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
     hf = load_reference_model(ckpt, quiet=quiet)
     if "decoder" not in got:
         drop_text(hf)
-    names, models, parts_built, info = [], [], [], {}
+    built, info = [], {}  # (part, package name, model or {function: model})
     if "vision" in got:
         shapes = slice_shapes(ckpt.processor.image_processor, mode)
         t0 = time.perf_counter()
         with hf_quiet(quiet), _quiet_coremltools(quiet):
-            models.append(convert_vision(hf, ckpt.spec, mode, shapes))
-        names.append(package_name("vision", mode))
-        parts_built.append("vision")
+            built.append(("vision", package_name("vision", mode), convert_vision(hf, ckpt.spec, mode, shapes)))
         info["vision"] = {"mode": mode, "precision": "float16", "deployment_target": "iOS18",
                           "pixel_shapes": [list(s) for s in shapes], "default_shape": list(shapes[0])}
         log(f"  converted the {mode} vision encoder ({len(shapes)} enumerated slice shapes) in "
@@ -165,16 +163,14 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
             funcs["decode"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, 1)
             funcs["prefill"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, prefill)
             funcs["embed"] = convert_embedding(hf, ckpt.spec.text, quant, max_context)
-        models.append(funcs)
-        names.append(package_name("decoder", quant=quant))
-        parts_built.append("decoder")
+        built.append(("decoder", package_name("decoder", quant=quant), funcs))
         info["decoder"] = {"quant": quant, "block_size": 32 if quant == "int4" else None, "precision": "float16",
                            "deployment_target": "iOS18", "max_context": max_context, "prefill_len": prefill,
                            "functions": {"decode": 1, "prefill": prefill, "embed": None}, "default_function": "decode"}
         log(f"  converted the {quant} decoder (decode, prefill of {prefill}, embed) in {time.perf_counter() - t0:.1f} s")
     hf = None
     with staged_folder(out_dir) as tmp:
-        for name, ml in zip(names, models):
+        for _, name, ml in built:
             with _quiet_coremltools(quiet):
                 if isinstance(ml, dict):
                     _save_multifunction(ml, tmp / name, tmp)
@@ -183,14 +179,13 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
             make_reproducible(tmp / name)
         (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copied = [tmp / "config.json"] + copy_side_files(ckpt.path, tmp)
-        entries = [package_entry(tmp / n, kind="mlpackage", format="coreml", part=part)
-                   for n, part in zip(names, parts_built)]
+        entries = [package_entry(tmp / n, kind="mlpackage", format="coreml", part=part) for part, n, _ in built]
         entries += [manifest.artifact_entry(p, kind="copied") for p in copied]
         import coremltools as ct
 
         manifest.write(tmp, {**source_info(ckpt), "coreml": {**info, "coremltools": ct.__version__,
                                                             "parts": got, "quant": quant}}, entries)
-    return [out_dir / n for n in names]
+    return [out_dir / n for _, n, _ in built]
 
 
 def _quiet_coremltools(quiet: bool):

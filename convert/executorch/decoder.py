@@ -19,8 +19,8 @@ Two implementations of the same arithmetic (tests/test_executorch.py holds them 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..modules.ops import causal_conv_plain, l2norm
 from ..modules.text import TextDecoder
 from ..spec import FULL, TextSpec
 
@@ -41,24 +41,12 @@ def vision_sdpa(q, k, v, scale):
     return torch.ops.llama.custom_sdpa(q.contiguous(), k.contiguous(), v.contiguous(), 0, None, 0.0, False, scale)
 
 
-def _causal_conv_torch(x, state, weight):
-    """convert/modules/ops.causal_conv in plain ops (cat, depthwise conv1d, silu, slice): XNNPACK runs
-    the conv; the rest is a few copies."""
-    full = torch.cat([state, x], dim=-1)
-    y = F.silu(F.conv1d(full, weight, groups=x.shape[1]))
-    return y, full[:, :, full.shape[-1] - state.shape[-1]:]
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # transformers' l2norm (FLA's)
-
-
 def _delta_rule_llama(q, k, v, g, beta, state):
     """convert/modules/ops.gated_delta_rule through `llama::gated_delta_rule`, which takes heads first,
     q and k already L2-normalised (q scaled by dk^-0.5), one k head per v head and the decay itself."""
     rep = v.shape[2] // k.shape[2]
-    q = _l2norm(q.float()) * (q.shape[-1] ** -0.5)
-    k = _l2norm(k.float())
+    q = l2norm(q.float()) * (q.shape[-1] ** -0.5)
+    k = l2norm(k.float())
     if rep > 1:  # each q/k head serves `rep` consecutive v heads
         q = q.repeat_interleave(rep, dim=2)
         k = k.repeat_interleave(rep, dim=2)
@@ -77,7 +65,7 @@ class CachedTextDecoder(TextDecoder):
         self.custom_ops = custom_ops
         if custom_ops:
             load_custom_ops()
-            self._causal_conv = _causal_conv_torch
+            self._causal_conv = causal_conv_plain  # XNNPACK runs the conv; the rest is a few copies
             self._delta_rule = _delta_rule_llama
         for i, kind in enumerate(text.layer_types):
             if kind == FULL:

@@ -66,8 +66,7 @@ class _Map:
 
 class GGUFFile:
     """kv: key -> value (strings decoded, arrays as tuples, numbers as Python numbers; the same
-    values as validate.gguf_diff.read_kv of a GGUFReader); value_types: key -> (type, array item
-    type or None); tensors in file order."""
+    values as validate.gguf_diff.read_kv of a GGUFReader); tensors in file order."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -89,7 +88,6 @@ class GGUFFile:
                                  f"in {self.file_size} bytes)")
             self._f, self._buf, self._off, self._pos = f, buf, 24, 0
             self.kv: dict[str, object] = {}
-            self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
             for _ in range(n_kv):
                 key = self._str()
                 vt = GGUFValueType(self._unpack("<I")[0])
@@ -97,10 +95,8 @@ class GGUFFile:
                     it = GGUFValueType(self._unpack("<I")[0])
                     n = self._unpack("<Q")[0]
                     self.kv[key] = self._array(it, n)
-                    self.value_types[key] = (vt, it)
                 else:
                     self.kv[key] = self._value(vt)
-                    self.value_types[key] = (vt, None)
             infos = []
             for _ in range(n_tensors):
                 name = self._str()
@@ -124,10 +120,6 @@ class GGUFFile:
                 raise ValueError(f"truncated or damaged GGUF: tensor {name}'s data ({n} values of {qt.name}) does not "
                                  f"fit in the file's {self.file_size} bytes")
             self.tensors.append(GGUFTensor(name, qt, dims, n, n * size // block, start + int(off), self._map))
-        self.data_start = start
-
-    def memmap(self) -> np.memmap:
-        return self._map.get()
 
     # -- header parsing --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv", "gated_delta_rule"]
+__all__ = ["causal_conv", "causal_conv_plain", "gated_delta_rule", "l2norm"]
 
 
 @torch.library.custom_op("minicpmv::causal_conv", mutates_args=())
@@ -48,3 +48,18 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 @gated_delta_rule.register_fake
 def _(q, k, v, g, beta, state):
     return v.new_empty(v.shape), state.new_empty(state.shape)
+
+
+# plain-op forms for exporters that take neither custom op (ExecuTorch with XNNPACK running the conv,
+# Core ML): the same arithmetic in ops every backend has
+
+
+def causal_conv_plain(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv in plain ops (cat, depthwise conv1d, silu, slice); x, state and weight in one dtype."""
+    full = torch.cat([state, x], dim=-1)
+    y = F.silu(F.conv1d(full, weight, groups=x.shape[1]))
+    return y, full[:, :, full.shape[-1] - state.shape[-1]:]
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # transformers' l2norm (FLA's)
