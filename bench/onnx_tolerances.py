@@ -1,7 +1,7 @@
-"""Measure what an ONNX (or ExecuTorch) export's arithmetic costs beyond its weights' types, on checkpoints
+"""Measure what an ONNX (ExecuTorch, Core ML) export's arithmetic costs beyond its weights' types, on checkpoints
 of many shapes.
 
-    python bench/onnx_tolerances.py [--format onnx|executorch] [--seeds 1,2,3] [--presets tiny,tiny-alt]
+    python bench/onnx_tolerances.py [--format onnx|executorch|coreml] [--seeds 1,2,3] [--presets tiny,tiny-alt]
                                     [--quants fp16,int4 | 8da4w,8da8w] [--scenarios quick] [--json FILE]
 
 For each checkpoint (the presets and drawn checkpoints, convert/synth/draw.py) it exports every
@@ -25,6 +25,14 @@ import common  # noqa: E402,F401  (puts the project on sys.path)
 
 
 def _export(fmt: str, ckpt, out: Path, q: str):
+    if fmt == "coreml":  # 16x (one vision package per mode); validated by the proxy off macOS
+        import sys as _sys
+
+        from convert.coreml.export import export_coreml
+        from validate.coreml_artifact import read_coreml_artifact
+
+        export_coreml(ckpt, out, quant=q, prefill=8, force=True, quiet=True)
+        return read_coreml_artifact(out, "coreml" if _sys.platform == "darwin" else "coreml-proxy")
     if fmt == "executorch":
         from convert.executorch.export import export_executorch
         from validate.executorch_artifact import read_executorch
@@ -61,7 +69,8 @@ def one(ckpt_dir: Path, label: str, quants: list[str], scenarios: str, work: Pat
                          "kl_mean": conv.get("kl_mean"), "kl_p99": conv.get("kl_p99"),
                          "ratio_mean": conv.get("kl_mean", 0) / yard["kl_mean"] if yard.get("kl_mean") else None,
                          "ratio_p99": conv.get("kl_p99", 0) / yard["kl_p99"] if yard.get("kl_p99") else None,
-                         "kl_fp32": m.get("fp32", {}).get("kl_mean"), "cosine_min": min(cos) if cos else None})
+                         "kl_fp32": m.get("fp32", {}).get("kl_mean"), "cosine_min": min(cos) if cos else None,
+                         "decisive_flips": sc.get("verdict", {}).get("conversion", {}).get("decisive_flips")})
         worst = [r for r in rows if r["quant"] == q and r["ratio_mean"] is not None]
         print(f"{label} {q}: {row['status']}; worst ratio mean "
               f"{max((r['ratio_mean'] for r in worst), default=float('nan')):.2f} p99 "
@@ -73,8 +82,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--presets", default="tiny,tiny-alt")
-    ap.add_argument("--format", default="onnx", choices=["onnx", "executorch"])
-    ap.add_argument("--quants", help="default fp16,int4 (onnx) or 8da4w,8da8w (executorch)")
+    ap.add_argument("--format", default="onnx", choices=["onnx", "executorch", "coreml"])
+    ap.add_argument("--quants", help="default fp16,int4 (onnx, coreml) or 8da4w,8da8w (executorch)")
     ap.add_argument("--scenarios", default="quick")
     ap.add_argument("--json")
     a = ap.parse_args()

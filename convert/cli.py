@@ -215,27 +215,37 @@ def cmd_executorch(args) -> int:
 def cmd_coreml(args) -> int:
     from .coreml.export import check_options, check_sizes, export_coreml
 
-    check_options(args.quant, args.mode, args.parts)
+    check_options(args.quant, args.mode, args.parts, args.head_quant)
     check_sizes(args.max_context, args.prefill_len)
+    check_validation_args(args)
     ckpt = open_model(args)
     out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-coreml"
     paths = export_coreml(ckpt, out, quant=args.quant, mode=args.mode, parts=args.parts, force=args.force,
-                          max_context=args.max_context, prefill=args.prefill_len, quiet=args.quiet)
+                          max_context=args.max_context, prefill=args.prefill_len, head_quant=args.head_quant,
+                          quiet=args.quiet)
     for p in paths:
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         print(f"wrote {p} ({size / 2**20:.1f} MiB)")
     print(f"wrote {out / 'manifest.json'}")
     if args.no_validate:
         return 0
-    from validate.coreml_artifact import PROXY_WORDING, validate_coreml
+    import sys
 
-    rep = validate_coreml(ckpt, out, quiet=args.quiet)
+    from validate.coreml_artifact import PROXY, PROXY_WORDING, read_coreml_artifact, validate_coreml
+
+    if "decoder" in check_options(args.quant, args.mode, args.parts):
+        # the harness: the structural checks, then every scenario in Core ML (macOS) or the proxy (elsewhere)
+        runtime = "coreml" if sys.platform == "darwin" else PROXY
+        if runtime == PROXY:
+            print(f"Core ML runs only on macOS: the scenarios run in {PROXY} ({PROXY_WORDING})")
+        return validate_folder(args, ckpt, out, read_coreml_artifact(out, runtime), "export")
+    rep = validate_coreml(ckpt, out, quiet=args.quiet)  # the vision package alone: its checks and proxy cosine
     from .manifest import write_text_atomic
 
     write_text_atomic(out / "validation.json", json.dumps(rep, indent=2) + "\n")
     for c in rep["checks"]:
         print(f"  {c['check']:10s} {c['status']:5s} {c['message']}")
-    print(f"validation {'passed' if rep['status'] == 'pass' else 'FAILED'} on Linux from the packages' own bytes "
+    print(f"validation {'passed' if rep['status'] == 'pass' else 'FAILED'} on Linux from the package's own bytes "
           f"(numerics: {PROXY_WORDING}); wrote {out / 'validation.json'}")
     return 0 if rep["status"] == "pass" else 3
 
@@ -316,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the Neural Engine beside llama.cpp's decoder), checked from their own bytes")
     c.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
     c.add_argument("--quant", default="int4", help="decoder weights: int4 (default, per block of 32), int8 or fp16")
+    c.add_argument("--head-quant", help="lm_head and token embedding: int4, int8 or fp16 (default: as --quant; int8 "
+                   "under int4 halves the tiny models' KL for 1 byte per vocabulary weight, as Q4_K_M keeps its output "
+                   "matrix in Q6_K)")
     c.add_argument("--mode", default="16x", help="vision encoder downsample mode: 16x (default) or 4x")
     c.add_argument("--parts", default="vision,decoder", help="packages to write, comma-separated: vision, decoder "
                    "(default both)")
@@ -324,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 32)")
     c.add_argument("--out", help="output folder (default ./out/<model name>-coreml)")
     c.add_argument("--force", action="store_true", help="replace a folder that holds other files")
-    c.add_argument("--no-validate", action="store_true", help="skip the checks of the written packages")
-    c.add_argument("--quiet", action="store_true", help="no progress output")
+    _validation_options(c)
     c.set_defaults(func=cmd_coreml)
     return ap
 

@@ -193,6 +193,8 @@ RUNTIMES: dict[str, str] = {
     "transformers-quant": "runtimes.hf_quant:HFQuantRuntime",
     "onnxruntime": "runtimes.onnxruntime:OnnxRuntime",
     "executorch": "runtimes.executorch:ExecutorchRuntime",
+    "coreml": "runtimes.coreml:CoremlRuntime",
+    "coreml-proxy": "validate.coreml_proxy:CoremlProxyRuntime",
 }
 
 

@@ -1,4 +1,5 @@
-"""`python -m convert coreml`: the vision package, checked on Linux from its own bytes."""
+"""`python -m convert coreml`: the vision and decoder packages, checked on Linux from their own bytes, and
+their weights run through the harness by the coreml-proxy runtime."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def exported(request, tiny_dir, tiny_alt_dir, tmp_path_factory):
     name, mode, quant = request.param
     ckpt = Checkpoint(tiny_dir if name == "tiny" else tiny_alt_dir)
     out = tmp_path_factory.mktemp(f"coreml-{name}") / "out"
-    # a short prefill and context keep the tiny conversions quick (the prefill's token loop is unrolled)
-    export_coreml(ckpt, out, mode=mode, quant=quant, max_context=64, prefill=4, quiet=True)
+    # a short prefill keeps the tiny conversions quick (the prefill's token loop is unrolled); the default
+    # context holds every scenario
+    # tiny: int4 with the vocabulary matrices in int8 (both quantized paths in one package)
+    export_coreml(ckpt, out, mode=mode, quant=quant, prefill=4, head_quant="int8" if quant == "int4" else None,
+                  quiet=True)
     return ckpt, out, mode
 
 
@@ -141,6 +145,7 @@ def test_decoder_weight_swapped_is_named(exported, tmp_path):
     rep = validate_coreml(ckpt, dst, quiet=True)
     w = next(c for c in rep["checks"] if c["check"] == "decoder weights")
     assert w["status"] == "fail" and any("mlp.gate_proj.weight" in d for d in w["details"]), w["message"]
+    assert "int4 quantization of the source" in w["message"]
 
 
 def test_stateful_decoder_arithmetic(tiny_ckpt, reference):
@@ -163,10 +168,113 @@ def test_stateful_decoder_arithmetic(tiny_ckpt, reference):
     assert torch.allclose(again, ref[5], atol=1e-4, rtol=1e-4)
 
 
+def test_proxy_harness(exported, tmp_path):
+    """Every quick scenario through the harness in the coreml-proxy runtime: the package's weights (int4 /
+    int8 decompressed as Core ML does) in the export modules, float16, against both references."""
+    ckpt, out, mode = exported
+    rep = tmp_path / "rep.json"
+    r = subprocess.run([sys.executable, "-m", "validate", str(out), "--model", str(ckpt.path), "--runtime", PROXY,
+                        "--scenarios", "quick" if mode == "16x" else "text-chat,image-448-4x", "--no-speed-anchor",
+                        "--quiet", "--json", str(rep), "--report", str(tmp_path / "rep.html")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    row = json.loads(rep.read_text())["artifacts"][0]
+    assert row["runtime"] == PROXY and row["files"]["executed_by"].startswith("weights from the package")
+    ran = [s for s in row["scenarios"] if s["status"] == "pass"]
+    assert len(ran) >= 2 and any(s["kind"] == "image" for s in ran)
+    for s in ran:  # far nearer the package's own fake-quant reference than the weights' rounding is to fp32
+        m = s["metrics"]
+        assert m["fake-quant"]["kl_mean"] < 0.2 * m["fake-quant-vs-fp32"]["kl_mean"], (s["scenario"], m)
+    checks = {c["check"]: c for c in row["checks"]}
+    assert checks["manifest"]["status"] == "pass" and checks["decoder weights"]["status"] == "pass"
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS")
+def test_coreml_runtime_needs_macos(exported):
+    """Off macOS a Core ML folder is validated only in the proxy, and only when asked for."""
+    ckpt, out, _ = exported
+    for extra in ([], ["--runtime", "coreml"]):
+        r = subprocess.run([sys.executable, "-m", "validate", str(out), "--model", str(ckpt.path), *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert "needs macOS" in r.stderr and "--runtime coreml-proxy" in r.stderr
+    assert not (out / "validation.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML's predict() exists only on macOS")
+def test_coreml_runtime_on_macos(exported, tmp_path):
+    """Core ML itself (the coreml runtime, chosen by default on macOS) on the quick scenarios: the verdict as
+    for any runtime. Run by .github/workflows/coreml-macos.yml; never run where this was written."""
+    ckpt, out, _ = exported
+    rep = tmp_path / "rep.json"
+    r = subprocess.run([sys.executable, "-m", "validate", str(out), "--model", str(ckpt.path), "--scenarios", "quick",
+                        "--no-speed-anchor", "--quiet", "--json", str(rep), "--report", str(tmp_path / "r.html")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert json.loads(rep.read_text())["artifacts"][0]["runtime"] == "coreml"
+
+
+def test_macos_workflow_runs_real_commands():
+    """The macOS job file parses, and its commands are this project's (the options exist)."""
+    import yaml
+
+    from convert.cli import build_parser
+    from validate.cli import build_parser as validate_parser
+
+    from pathlib import Path
+
+    wf = yaml.safe_load((Path(__file__).resolve().parents[1] / ".github/workflows/coreml-macos.yml").read_text())
+    steps = wf["jobs"]["coreml"]["steps"]
+    assert wf["jobs"]["coreml"]["runs-on"].startswith("macos")
+    runs = [" ".join(st["run"].split()) for st in steps if "run" in st]
+    for cmd in runs:
+        for prog, parser in (("python -m convert ", build_parser()), ("python -m validate ", validate_parser())):
+            if cmd.startswith(prog):
+                parser.parse_args(cmd[len(prog):].split())  # SystemExit on an unknown option
+    assert any(c.startswith("python -m convert coreml") for c in runs)
+
+
+def test_folded_constant_fault_is_named(exported, tmp_path):
+    """A parameter Core ML folded into a derived constant (a norm's 1 + w) whose bytes change is named by the
+    check, and the proxy refuses to run without it."""
+    import struct
+
+    from convert.coreml.read import decoder_names, package_weights
+    from runtimes.reference import load_reference_model
+    from validate.coreml_artifact import _source
+
+    ckpt, out, _ = exported
+    dst, pkg = _faulty(out, tmp_path, "decoder")
+    hf = load_reference_model(ckpt, quiet=True)
+    _, folds = package_weights(pkg, decoder_names(hf, ckpt.spec), lambda n: _source(ckpt, n))
+    name = "model.language_model.layers.0.input_layernorm.weight"
+    fname, const, how = folds[name]
+    assert how == "1 + w"
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString(_spec_path(pkg).read_bytes())
+    op = next(o for o in _ops(spec, fname) if o.outputs[0].name == const)
+    blob = op.attributes["val"].blobFileValue
+    weights = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    raw = bytearray(weights.read_bytes())
+    _, _, size, data = struct.unpack_from("<IIQQ", raw, blob.offset)  # MIL blob metadata: sentinel, type, size, offset
+    raw[data:data + size] = bytes(b ^ 0x80 if i % 2 else b for i, b in enumerate(raw[data:data + size]))  # negate
+    weights.write_bytes(bytes(raw))
+    rep = validate_coreml(ckpt, dst, quiet=True)
+    w = next(c for c in rep["checks"] if c["check"] == "decoder weights")
+    assert w["status"] == "fail" and any(name in d for d in w["details"]), w["message"]
+    from convert.errors import ConvertError
+    from validate.coreml_proxy import CoremlProxyRuntime
+
+    with pytest.raises(ConvertError, match="input_layernorm"):
+        CoremlProxyRuntime(dst, source=str(ckpt.path))
+
+
 @pytest.mark.slow
 def test_cli_same_bytes(tiny_dir, tmp_path):
     run = [sys.executable, "-m", "convert", "coreml", "--model", str(tiny_dir), "--quiet", "--max-context", "64",
-           "--prefill-len", "4"]
+           "--prefill-len", "4", "--no-validate"]
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         r = subprocess.run(run + ["--out", str(out)], capture_output=True, text=True)

@@ -149,15 +149,17 @@ class Artifact:
 
 
 def discover(folder: str | Path | None = None, decoder: str | Path | None = None,
-             mmproj: list[str | Path] | None = None) -> list:
+             mmproj: list[str | Path] | None = None, runtime: str | None = None) -> list:
     """Artifacts in `folder` (every decoder GGUF, sharing the folder's projectors; or the folder
-    itself when it is a quantized HF checkpoint), or the one given by `decoder` and `mmproj`."""
+    itself when it is a quantized HF checkpoint, an ONNX, ExecuTorch or Core ML export), or the one
+    given by `decoder` and `mmproj`. `runtime`: the one asked for (a Core ML folder needs it off macOS)."""
     if (folder is None) == (decoder is None):
         raise ConvertError("give an artifacts folder or --decoder FILE (not both)")
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
             raise ConvertError(f"{folder}: no such folder")
+        from .coreml_artifact import is_coreml_folder, read_coreml_artifact
         from .executorch_artifact import is_executorch_folder, read_executorch
         from .onnx_artifact import is_onnx_folder, read_onnx
 
@@ -165,6 +167,8 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
             return [read_onnx(folder)]
         if is_executorch_folder(folder):
             return [read_executorch(folder)]
+        if is_coreml_folder(folder):
+            return [read_coreml_artifact(folder, runtime)]
         if (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
             return [read_hf_quantized(folder)]  # a GPTQ / AWQ / compressed-tensors checkpoint
         infos = [read_gguf(p) for p in sorted(folder.glob("*.gguf"))]
@@ -191,11 +195,12 @@ def discover(folder: str | Path | None = None, decoder: str | Path | None = None
 
 def check_same_model(ckpt: Checkpoint, art) -> None:
     """Refuse artifacts made from another model (bad input, not a validation failure)."""
+    from .coreml_artifact import CoremlArtifact
     from .executorch_artifact import ExecutorchArtifact
     from .onnx_artifact import OnnxArtifact
 
     t, v = ckpt.spec.text, ckpt.spec.vision
-    if isinstance(art, (HFArtifact, OnnxArtifact, ExecutorchArtifact)):
+    if isinstance(art, (HFArtifact, OnnxArtifact, ExecutorchArtifact, CoremlArtifact)):
         tc = art.config.get("text_config", {})
         for k, val in (("num_hidden_layers", t.num_layers), ("hidden_size", t.hidden_size), ("vocab_size", t.vocab_size)):
             if k in tc and tc[k] != val:

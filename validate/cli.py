@@ -65,11 +65,11 @@ def cmd_validate(args) -> int:
     load_scenarios(args.scenarios)  # an unknown set fails before anything loads
     from runtimes.base import RUNTIMES
 
-    if args.runtime not in RUNTIMES and ":" not in args.runtime:
+    if args.runtime is not None and args.runtime not in RUNTIMES and ":" not in args.runtime:
         raise ConvertError(f"--runtime {args.runtime!r}: unknown; choose one of {', '.join(RUNTIMES)} or MODULE:CLASS")
-    artifacts = discover(args.artifacts, args.decoder, args.mmproj)
+    artifacts = discover(args.artifacts, args.decoder, args.mmproj, runtime=args.runtime)
     ckpt = open_model(args)
-    profile = Profile(runtime=args.runtime)
+    profile = Profile(runtime=args.runtime or "llama.cpp")
     for field, v in (("threads", args.threads), ("n_ctx", args.ctx), ("memory_budget_mb", args.memory_budget),
                      ("timeout_s", args.timeout)):
         if v is not None:
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoder", help="decoder GGUF (instead of a folder)")
     ap.add_argument("--mmproj", action="append", help="projector GGUF for --decoder; repeat for 16x and 4x")
     add_profile_args(ap)
-    ap.add_argument("--runtime", default="llama.cpp", help="runtime to load the artifacts in (default llama.cpp)")
+    ap.add_argument("--runtime", help="runtime to load the artifacts in (default: the folder's own: llama.cpp for GGUF, "
+                    "onnxruntime, executorch, coreml on macOS; coreml-proxy runs a Core ML package's weights in PyTorch)")
     ap.add_argument("--imatrix", help="the importance matrix the artifact was quantized with (exact tensor checks)")
     ap.add_argument("--json", help=f"JSON report (default: {REPORT_JSON} in the artifacts folder)")
     ap.add_argument("--report", help=f"HTML report (default: {REPORT_HTML} in the artifacts folder)")

@@ -14,15 +14,15 @@ Each failure is one message naming the package and what is wrong.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from convert.checkpoint import Checkpoint
+from convert.coreml.decoder import HEAD_CONSTS
+from convert.coreml.read import decoder_names, function_weights, package_weights, read_program, weight_value
 from convert.errors import ConvertError
 
 SPEC_VERSION = {"iOS18": 9}
@@ -30,40 +30,19 @@ PROXY = "coreml-proxy"
 PROXY_WORDING = "weights from the package, executed in PyTorch, not by Core ML"
 
 
-@contextlib.contextmanager
-def _quiet():
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def is_coreml_folder(folder: Path) -> bool:
+    try:
+        man = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(man, dict) and isinstance((man.get("source") or {}).get("coreml"), dict)
 
 
 def read_coreml(folder: str | Path) -> dict:
     """The folder's manifest and its packages by part; a ConvertError for anything else."""
-    folder = Path(folder)
-    try:
-        man = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{folder}: no readable manifest.json ({e.__class__.__name__})") from None
-    info = man.get("source", {}).get("coreml")
-    if info is None:
-        raise ConvertError(f"{folder}: not a Core ML export (its manifest has no coreml section)")
-    packages = {a["part"]: folder / a["file"] for a in man.get("artifacts", []) if a.get("kind") == "mlpackage"}
-    return {"folder": folder, "manifest": man, "info": info, "packages": packages}
+    from runtimes.coreml import coreml_folder
 
-
-def _program(path: Path):
-    """(spec, MIL program) read from the package's files directly: coremltools' MLModel would rewrite
-    the package's Manifest.json on opening it, and a check must not change what it checks."""
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-    from coremltools.proto import Model_pb2
-
-    man = json.loads((path / "Manifest.json").read_text())
-    root = man["itemInfoEntries"][man["rootModelIdentifier"]]["path"]
-    spec = Model_pb2.Model()
-    spec.ParseFromString((path / "Data" / root).read_bytes())
-    weights = path / "Data" / Path(root).parent / "weights"
-    prog = milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
-    return spec, prog
+    return {"folder": Path(folder), **coreml_folder(Path(folder))}
 
 
 def _recorder(path: Path, checks: list[dict], prefix: str):
@@ -77,8 +56,7 @@ def _recorder(path: Path, checks: list[dict], prefix: str):
 def _read(path: Path, check):
     """(spec, program), or (None, None) with a failed "program" check when coremltools cannot read it."""
     try:
-        with _quiet():
-            return _program(path)
+        return read_program(path)
     except Exception as e:  # coremltools raises many types on a damaged package
         check("program", [f"cannot be read by coremltools ({e.__class__.__name__}: {str(e)[:160]})"], "")
         return None, None
@@ -224,18 +202,6 @@ def _proxy(ckpt: Checkpoint, hf_model, info: dict, weights: dict[str, np.ndarray
     return {"runtime": PROXY, "wording": PROXY_WORDING, "slices": rows}
 
 
-def _decoder_names(hf_model, spec) -> dict[str, str]:
-    """Core ML const name -> HF tensor name for the decoder functions' parameters (by identity with the
-    transformers model the export modules share; a model on the meta device is enough)."""
-    from convert.coreml.decoder import StatefulDecoder, _Embed
-
-    hf_names = {id(p): n for n, p in hf_model.named_parameters(remove_duplicate=False)}
-    out = {}
-    for mod in (StatefulDecoder(hf_model, spec.text, 1), _Embed(hf_model)):
-        out.update({"p_" + n.replace(".", "_"): hf_names[id(p)] for n, p in mod.named_parameters()})
-    return out
-
-
 def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) -> list[dict]:
     """The decoder package: its functions (decode, prefill, embed), each one's inputs, outputs and float16
     states, the opset and compression ops, and every weight against the source: a quantized one equal to
@@ -298,7 +264,7 @@ def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) ->
         n_ops += sum(ops.values())
         problems += [f"function {fname}: op {o} does not exist for iOS 18" for o in missing]
         packed = ops.get("constexpr_blockwise_shift_scale", 0)
-        if quant == "fp16" and packed:
+        if quant == "fp16" and (info.get("head_quant") or quant) == "fp16" and packed:
             problems.append(f"function {fname}: {packed} quantized weights in an fp16 package")
         if quant != "fp16" and not packed:
             problems.append(f"function {fname}: no {quant} weights (no constexpr_blockwise_shift_scale op)")
@@ -306,36 +272,41 @@ def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) ->
                                  f"{quant} weights as constexpr_blockwise_shift_scale" if quant != "fp16" else
           f"{n_ops} ops over {len(prog.functions)} functions, all in iOS 18's opset")
 
-    names = _decoder_names(hf_model, ckpt.spec)
+    names = decoder_names(hf_model, ckpt.spec)
+    head = info.get("head_quant") or quant
+    heads = {names[c] for c in HEAD_CONSTS_NAMES if c in names}
     problems, n = [], 0
-    blocks = [1, 32] if quant == "int4" else [1, 0]
     for fname, fn in prog.functions.items():
-        ops = {op.name: op for op in fn.operations}
-        for cname, hf_name in names.items():
-            src = None
-            if cname + "_to_fp16_quantized" in ops:
-                op = ops[cname + "_to_fp16_quantized"]
-                src = _source(ckpt, hf_name)
-                qp = lq.blockwise_compress(src, nbits=4 if quant == "int4" else 8, mode="LINEAR_SYMMETRIC", signed=True,
-                                           block_sizes=blocks)
+        for hf_name, (kind, op) in function_weights(fn, names).items():
+            src = _source(ckpt, hf_name)
+            n += 1
+            q = head if hf_name in heads else quant
+            if kind == "quantized":
+                qp = None if q == "fp16" else lq.blockwise_compress(
+                    src, nbits=4 if q == "int4" else 8, mode="LINEAR_SYMMETRIC", signed=True,
+                    block_sizes=[1, 32] if q == "int4" else [1, 0])
                 data, scale = op.inputs["data"].val, op.inputs["scale"].val
                 if qp is None or not (np.array_equal(qp.data, data) and np.array_equal(qp.scale, scale)):
-                    problems.append(f"function {fname}: weight {hf_name}: its {quant} data or scales differ from "
-                                    f"coremltools' quantization of the source")
-                n += 1
+                    problems.append(f"function {fname}: weight {hf_name}: its data or scales differ from "
+                                    f"coremltools' {q} quantization of the source")
             else:
-                key = next((k for k in (cname + "_to_fp16", cname) if k in ops and ops[k].op_type == "const"), None)
-                if key is None:
-                    continue  # this function does not use it (the embedding outside embed, lm_head inside it)
-                src = _source(ckpt, hf_name)
-                got = np.asarray(ops[key].outputs[0].val)
-                if got.shape != src.shape or not np.array_equal(got.astype(np.float16), src):
+                got = weight_value(kind, op)
+                if got.shape != src.shape or not np.array_equal(got, src):
                     problems.append(f"function {fname}: weight {hf_name}: differs from the source in float16")
-                n += 1
-    used = {hf for hf in names.values()}
-    check("weights", problems, f"{n} weight uses over the functions ({len(used)} tensors) equal the source "
-                               f"({quant} as coremltools quantizes it)")
+    # the rest must be constants Core ML folded from them (1 + w, -exp(w), a fused bias): found by value
+    _, folds = package_weights(path, names, lambda n: _source(ckpt, n).astype(np.float32))
+    seen = {hf for fn in prog.functions.values() for hf in function_weights(fn, names)} | set(folds)
+    problems += [f"weight {hf}: not in the package, by name or as a constant folded from it"
+                 for hf in sorted(set(names.values()) - seen)]
+    kinds = sorted({how for _, _, how in folds.values()})
+    check("weights", problems, f"{n} weight uses over the functions equal the source ({quant} as coremltools "
+                               f"quantizes it); {len(folds)} of {len(set(names.values()))} parameters held as constants "
+                               f"Core ML folded from them ({', '.join(kinds) or 'none'}), each equal to its transform "
+                               f"of the source")
     return checks
+
+
+HEAD_CONSTS_NAMES = tuple(c.removesuffix("_to_fp16") for c in HEAD_CONSTS)
 
 
 def _source(ckpt: Checkpoint, hf_name: str) -> np.ndarray:
@@ -365,3 +336,114 @@ def validate_coreml(ckpt: Checkpoint, folder: str | Path, quiet: bool = False) -
             checks += check_decoder_package(ckpt, path, art["info"]["decoder"], hf)
     status = "fail" if any(c["status"] == "fail" for c in checks) else "pass"
     return {"status": status, "checks": checks, "proxy": proxy}
+
+
+# -- the folder as a validation artifact ----------------------------------------------------------------
+
+
+@dataclass
+class _Projector:
+    path: Path
+    type_label: str
+
+
+@dataclass
+class CoremlArtifact:
+    """A `python -m convert coreml` folder, run by Core ML on macOS or by the proxy (runtimes/coreml.py)."""
+
+    folder: Path
+    config: dict
+    info: dict  # the manifest's source.coreml
+    packages: dict  # part -> package path
+    runtime: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder.name} (coreml {self.info.get('quant')})"
+
+    @property
+    def label(self) -> str:
+        return f"coreml-{self.info.get('quant')}"  # its key in tolerances.json
+
+    @property
+    def mmproj(self) -> dict[str, _Projector]:
+        v = self.info.get("vision")
+        return {v["mode"]: _Projector(self.packages["vision"], "F16")} if v and "vision" in self.packages else {}
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.packages.values())
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for p in self.packages.values() for f in p.rglob("*") if f.is_file())
+
+    def describe(self) -> dict:
+        d = self.info.get("decoder") or {}
+        return {"folder": str(self.folder), "format": "coreml", "quant": self.info.get("quant"),
+                "packages": {k: p.name for k, p in self.packages.items()}, "max_context": d.get("max_context"),
+                "prefill_len": d.get("prefill_len"),
+                "executed_by": "Core ML" if self.runtime == "coreml" else PROXY_WORDING}
+
+    source: Path | None = None  # the checkpoint: the proxy locates folded constants with it
+
+    def runtime_kwargs(self, mode: str, profile) -> dict:
+        return {"folder": str(self.folder), "mode": mode, "n_threads": profile.threads,
+                "source": str(self.source) if self.source else None}
+
+    def static_checks(self, ckpt: Checkpoint, *, imatrix=None, quiet: bool = True) -> list[dict]:
+        self.source = ckpt.path
+        rep = validate_coreml(ckpt, self.folder, quiet=quiet)
+        return [manifest_check_packages(self.folder, self.packages)] + rep["checks"]
+
+    def fake_quant_key(self, imatrix=None) -> tuple:
+        return ("coreml", str(self.folder))
+
+    def fake_quant_reference(self, ckpt: Checkpoint, *, threads=None, imatrix=None, base=None):
+        from .references import Reference
+
+        return Reference.from_coreml(ckpt, self.folder, threads=threads)
+
+
+def manifest_check_packages(folder: Path, packages: dict) -> dict:
+    """Every file of each package against the manifest's sha256 and size."""
+    from convert.coreml.export import package_entry
+
+    entries = {a["file"]: a for a in read_coreml(folder)["manifest"].get("artifacts", [])}
+    bad = []
+    for p in packages.values():
+        want = {f["path"]: f for f in entries.get(p.name, {}).get("files", [])}
+        got = {f["path"]: f for f in package_entry(p)["files"]}
+        for rel in sorted(set(want) | set(got)):
+            if rel not in got or rel not in want or (got[rel]["sha256"], got[rel]["size"]) != (want[rel]["sha256"], want[rel]["size"]):
+                bad.append(f"{p.name}/{rel}: " + ("missing" if rel not in got else "not in manifest.json" if rel not in want
+                                                   else "sha256/size differ from manifest.json"))
+    if bad:
+        return {"check": "manifest", "status": "fail", "message": bad[0], "details": bad}
+    n = sum(len(entries[p.name]["files"]) for p in packages.values())
+    return {"check": "manifest", "status": "pass", "message": f"{n} files of {len(packages)} package(s) match manifest.json"}
+
+
+def read_coreml_artifact(folder: str | Path, runtime: str | None = None) -> CoremlArtifact:
+    """The folder as an artifact. The runtime: Core ML on macOS (the default there); elsewhere only the
+    proxy, and only when asked for (`--runtime coreml-proxy`): its numbers are not Core ML's."""
+    import sys
+
+    from runtimes.coreml import NEEDS_MACOS, coreml_folder
+
+    folder = Path(folder).absolute()
+    found = coreml_folder(folder)
+    if runtime is None:
+        runtime = "coreml" if sys.platform == "darwin" else None
+    if runtime is None or (runtime == "coreml" and sys.platform != "darwin"):
+        raise ConvertError(f"{folder.name}: validating a Core ML export in its runtime needs macOS: {NEEDS_MACOS}")
+    if runtime not in ("coreml", PROXY):
+        raise ConvertError(f"--runtime {runtime}: a Core ML export runs in coreml (macOS) or {PROXY}")
+    if "decoder" not in found["packages"]:
+        raise ConvertError(f"{folder.name}: no decoder package to validate (export with --parts vision,decoder); "
+                           f"the vision package alone is checked by `python -m convert coreml`")
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{folder}: no readable config.json ({e.__class__.__name__})") from None
+    return CoremlArtifact(folder, cfg, found["info"], found["packages"], runtime)

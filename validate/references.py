@@ -129,6 +129,24 @@ class Reference:
         return cls("fake-quant", rt)
 
     @classmethod
+    def from_coreml(cls, ckpt: Checkpoint, folder: Path, threads: int | None = None) -> "Reference":
+        """transformers' model in float16 (a Core ML package computes in float16 whatever its weights)
+        carrying the packages' own weights, int4 / int8 decompressed by coremltools: what the package
+        computes, less the export modules' rewrite (one-hot cache writes, the unrolled delta rule,
+        float16 states) and Core ML's kernels."""
+        from runtimes.coreml import coreml_folder
+
+        from .coreml_proxy import package_state, untie_if_apart
+
+        from .weights import load_fake_quant
+
+        _, _, sd = package_state(Path(folder), coreml_folder(Path(folder))["packages"], ckpt.path)
+        rt = ReferenceRuntime(ckpt, n_threads=threads, dtype="float16")
+        untie_if_apart(rt.model, sd)
+        load_fake_quant(rt, sd, restore=False)
+        return cls("fake-quant", rt)
+
+    @classmethod
     def from_torchao(cls, ckpt: Checkpoint, quant: str, vision_quant: str = "fp32",
                      threads: int | None = None) -> "Reference":
         """The source model with the torchao quantization an ExecuTorch export applies, run in eager

@@ -66,6 +66,7 @@ def judge(scenario: str, artifact: str, label: str, metrics: dict, series_fq: di
     own = lookup(conv_rules.get("by_type", {}), label) if conv_rules.get("by_type") else None
     if own:  # a format whose arithmetic rounds more than its weights' types (an fp16 graph's activations)
         conv_rules["kl_ratio"] = {**conv_rules["kl_ratio"], **own.get("kl_ratio", {})}
+        conv_rules.update({k: own[k] for k in ("decisive_margin", "decisive_max") if k in own})
     fails: list[str] = []
     has_fq = "fake-quant" in metrics
     conv = metrics["fake-quant"] if has_fq else metrics["fp32"]

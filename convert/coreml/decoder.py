@@ -26,6 +26,7 @@ def _delta_rule(q, k, v, g, beta, state):
     """transformers' recurrent gated delta rule (torch_recurrent_gated_delta_rule) over a static T,
     one token after another: q, k [B, T, Hk, dk], v [B, T, Hv, dv], g, beta [B, T, Hv], state [B, Hv, dk, dv]."""
     rep = v.shape[2] // k.shape[2]
+    g, beta = g.to(v.dtype), beta.to(v.dtype)  # one dtype throughout, as the float16 program has
     q = l2norm(q) * (q.shape[-1] ** -0.5)
     k = l2norm(k)
     if rep > 1:
@@ -100,21 +101,37 @@ class StatefulDecoder(TextDecoder):
         return self.lm_head(self.norm(x[:, -1]))
 
 
-def _quantize(ml, quant: str):
-    """Core ML-side weight compression (coremltools' torch-side quantizers fail on torch >= 2.11):
-    int4 symmetric per block of 32 along the input axis, int8 symmetric per channel; fp16 as converted."""
-    if quant == "fp16":
-        return ml
+HEAD_CONSTS = ("p_lm_head_weight_to_fp16", "p_weight_to_fp16")  # lm_head (decode, prefill), the embedding (embed)
+
+
+def quant_config(quant: str):
+    """coremltools' op config of a quant: int4 symmetric per block of 32 along the input axis, int8 symmetric
+    per channel; None for fp16 (the weights as converted)."""
     import coremltools.optimize.coreml as cto
 
     if quant == "int4":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32)
-    else:
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    return cto.linear_quantize_weights(ml, cto.OptimizationConfig(global_config=op))
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32)
+    if quant == "int8":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    return None
 
 
-def convert_decoder_function(hf_model, text: TextSpec, quant: str, max_context: int, T: int):
+def _quantize(ml, quant: str, head_quant: str | None = None):
+    """Core ML-side weight compression (coremltools' torch-side quantizers fail on torch >= 2.11). The
+    vocabulary matrices (lm_head and the token embedding, one tensor when tied) may keep more bits than the
+    rest (`head_quant`), as llama.cpp's Q4_K_M keeps its output matrix in Q6_K."""
+    head_quant = head_quant or quant
+    if quant == "fp16" and head_quant == "fp16":
+        return ml
+    import coremltools.optimize.coreml as cto
+
+    cfg = cto.OptimizationConfig(global_config=quant_config(quant),
+                                 op_name_configs={n: quant_config(head_quant) for n in HEAD_CONSTS})
+    return cto.linear_quantize_weights(ml, cfg)
+
+
+def convert_decoder_function(hf_model, text: TextSpec, quant: str, max_context: int, T: int,
+                             head_quant: str | None = None):
     """One function of the decoder package: T tokens per call (1: decode, more: a prefill chunk)."""
     import coremltools as ct
     import numpy as np
@@ -132,7 +149,7 @@ def convert_decoder_function(hf_model, text: TextSpec, quant: str, max_context: 
                     outputs=[ct.TensorType(name="logits")], states=states, convert_to="mlprogram",
                     compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS18,
                     skip_model_load=True)
-    return _quantize(ml, quant)
+    return _quantize(ml, quant, head_quant)
 
 
 class _Embed(torch.nn.Module):
@@ -144,7 +161,7 @@ class _Embed(torch.nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
-def convert_embedding(hf_model, text: TextSpec, quant: str, max_len: int):
+def convert_embedding(hf_model, text: TextSpec, quant: str, max_len: int, head_quant: str | None = None):
     """input_ids [1, T] (T from 1 to max_len; a lookup needs no fixed shape) -> inputs_embeds [1, T, H].
     int4/int8 as the decoder's weights (a lookup dequantizes only its rows)."""
     import coremltools as ct
@@ -160,4 +177,4 @@ def convert_embedding(hf_model, text: TextSpec, quant: str, max_len: int):
                     outputs=[ct.TensorType(name="inputs_embeds")], convert_to="mlprogram",
                     compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS18,
                     skip_model_load=True)
-    return _quantize(ml, quant)
+    return _quantize(ml, quant, head_quant)

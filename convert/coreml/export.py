@@ -2,12 +2,13 @@
 
     OUT/MiniCPM-V-4.6-vision-16x.mlpackage   pixel_values [1, 3, 14h, 14w] -> image_features [n, H]
                                               (mlprogram, iOS 18, float16; enumerated slice shapes)
+    OUT/MiniCPM-V-4.6-decoder-int4.mlpackage  decode / prefill / embed functions, the conversation in
+                                              iOS 18 states (decoder.py)
     OUT/config.json, tokenizer and processor files, manifest.json (sha256 and size of every file
                                               inside each package, and of the package as a whole)
 
-The stateful decoder package (`--parts decoder`) is not built yet: asking for it is an error, not an
-empty file. Core ML runs only on Apple systems; here the packages are converted and checked from their
-own bytes (validate/coreml_artifact.py).
+Core ML runs only on Apple systems; here the packages are converted and checked from their own bytes
+(validate/coreml_artifact.py) and their weights run by the coreml-proxy runtime (validate/coreml_proxy.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def package_name(part: str, mode: str = "16x", quant: str = "fp16") -> str:
     return f"{MODEL_NAME}-vision-{mode}.mlpackage" if part == "vision" else f"{MODEL_NAME}-decoder-{quant}.mlpackage"
 
 
-def check_options(quant: str, mode: str, parts: str) -> list[str]:
+def check_options(quant: str, mode: str, parts: str, head_quant: str | None = None) -> list[str]:
     if quant not in QUANTS:
         raise ConvertError(f"--quant {quant!r} is not supported for Core ML; choose one of {', '.join(QUANTS)}")
+    if head_quant is not None and head_quant not in QUANTS:
+        raise ConvertError(f"--head-quant {head_quant!r}: choose one of {', '.join(QUANTS)}")
     if mode not in ("16x", "4x"):
         raise ConvertError(f"--mode {mode!r}: choose 16x or 4x")
     got = [p.strip() for p in parts.split(",") if p.strip()]
@@ -61,7 +64,7 @@ def _imports():
     try:
         import coremltools  # noqa: F401
     except ImportError as e:
-        raise ConvertError(f"Core ML export needs coremltools (pip install -e '.[executorch]' installs it): {e}") from None
+        raise ConvertError(f"Core ML export needs coremltools (pip install -e '.[coreml]'): {e}") from None
 
 
 def package_entry(path: Path, **fields) -> dict:
@@ -122,13 +125,14 @@ def make_reproducible(package: Path) -> None:
 
 def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4", mode: str = "16x",
                   parts: str = "vision,decoder", max_context: int = DEFAULT_CONTEXT, prefill: int = DEFAULT_PREFILL,
-                  force: bool = False, quiet: bool = False) -> list[Path]:
+                  head_quant: str | None = None, force: bool = False, quiet: bool = False) -> list[Path]:
     """Write the folder; returns the package paths."""
     from ..gguf.export import source_info
     from ..hf_quant import check_out_dir, copy_side_files
     from runtimes.reference import hf_quiet, load_reference_model
 
-    got = check_options(quant, mode, parts)
+    got = check_options(quant, mode, parts, head_quant)
+    head_quant = head_quant or quant
     check_sizes(max_context, prefill)
     with _quiet_coremltools(quiet):
         _imports()
@@ -160,11 +164,11 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
         t0 = time.perf_counter()
         funcs = {}
         with hf_quiet(quiet), _quiet_coremltools(quiet):
-            funcs["decode"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, 1)
-            funcs["prefill"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, prefill)
-            funcs["embed"] = convert_embedding(hf, ckpt.spec.text, quant, max_context)
+            funcs["decode"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, 1, head_quant)
+            funcs["prefill"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, prefill, head_quant)
+            funcs["embed"] = convert_embedding(hf, ckpt.spec.text, quant, max_context, head_quant)
         built.append(("decoder", package_name("decoder", quant=quant), funcs))
-        info["decoder"] = {"quant": quant, "block_size": 32 if quant == "int4" else None, "precision": "float16",
+        info["decoder"] = {"quant": quant, "head_quant": head_quant, "block_size": 32 if quant == "int4" else None, "precision": "float16",
                            "deployment_target": "iOS18", "max_context": max_context, "prefill_len": prefill,
                            "functions": {"decode": 1, "prefill": prefill, "embed": None}, "default_function": "decode"}
         log(f"  converted the {quant} decoder (decode, prefill of {prefill}, embed) in {time.perf_counter() - t0:.1f} s")
