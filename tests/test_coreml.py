@@ -288,7 +288,8 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     run = [sys.executable, "-m", "convert", "coreml", "--model", str(tiny_dir), "--quiet"]
     for bad, msg in ((["--max-context", "8"], "--max-context"), (["--quant", "int3"], "--quant"),
                      (["--mode", "8x"], "--mode"), (["--parts", "vision,audio"], "--parts"),
-                     (["--prefill-len", "1"], "--prefill-len")):
+                     (["--prefill-len", "1"], "--prefill-len"), (["--head-quant", "int2"], "--head-quant"),
+                     (["--scenarios", "nosuchset"], "nosuchset")):
         r = subprocess.run(run + ["--out", str(tmp_path / "bad")] + bad, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -387,6 +387,13 @@ class CoremlArtifact:
 
     source: Path | None = None  # the checkpoint: the proxy locates folded constants with it
 
+    mode_hint = "a Core ML vision package has one mode: export the other into a second folder with --mode"
+
+    @property
+    def device_memory(self) -> bool:
+        """Whether the runtime's peak RSS says anything about a device (the proxy's is PyTorch's)."""
+        return self.runtime == "coreml"
+
     def runtime_kwargs(self, mode: str, profile) -> dict:
         return {"folder": str(self.folder), "mode": mode, "n_threads": profile.threads,
                 "source": str(self.source) if self.source else None}

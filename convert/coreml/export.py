@@ -78,24 +78,16 @@ def package_entry(path: Path, **fields) -> dict:
     return {"file": path.name, "size": sum(f["size"] for f in files), "sha256": h.hexdigest(), "files": files, **fields}
 
 
-def _save_multifunction(funcs: dict, dest: Path, scratch: Path) -> None:
+def _save_multifunction(packages: list[Path], names: list[str], dest: Path) -> None:
     """One package holding every function (consts equal across functions are stored once), the first
     one the default."""
-    import shutil
-
     import coremltools as ct
 
     desc = ct.utils.MultiFunctionDescriptor()
-    parts = []
-    for fname, ml in funcs.items():
-        p = scratch / f".{fname}.mlpackage"
-        ml.save(str(p))
-        parts.append(p)
+    for p, fname in zip(packages, names):
         desc.add_function(str(p), src_function_name="main", target_function_name=fname)
-    desc.default_function_name = next(iter(funcs))
+    desc.default_function_name = names[0]
     ct.utils.save_multifunction(desc, str(dest))
-    for p in parts:
-        shutil.rmtree(p)
 
 
 def make_reproducible(package: Path) -> None:
@@ -145,51 +137,66 @@ def export_coreml(ckpt: Checkpoint, out_dir: str | Path, *, quant: str = "int4",
 
     from .vision import convert_vision, drop_text, slice_shapes
 
+    import shutil
+    import tempfile
+
     hf = load_reference_model(ckpt, quiet=quiet)
     if "decoder" not in got:
         drop_text(hf)
-    built, info = [], {}  # (part, package name, model or {function: model})
-    if "vision" in got:
-        shapes = slice_shapes(ckpt.processor.image_processor, mode)
-        t0 = time.perf_counter()
-        with hf_quiet(quiet), _quiet_coremltools(quiet):
-            built.append(("vision", package_name("vision", mode), convert_vision(hf, ckpt.spec, mode, shapes)))
-        info["vision"] = {"mode": mode, "precision": "float16", "deployment_target": "iOS18",
-                          "pixel_shapes": [list(s) for s in shapes], "default_shape": list(shapes[0])}
-        log(f"  converted the {mode} vision encoder ({len(shapes)} enumerated slice shapes) in "
-            f"{time.perf_counter() - t0:.1f} s")
-    if "decoder" in got:
-        from .decoder import convert_decoder_function, convert_embedding
+    info = {}
+    built = []  # (part, package name)
+    # each converted program is saved at once and dropped: three decoder functions held together with the
+    # model took 19 GB at full size
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.scratch-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        if "vision" in got:
+            shapes = slice_shapes(ckpt.processor.image_processor, mode)
+            t0 = time.perf_counter()
+            with hf_quiet(quiet), _quiet_coremltools(quiet):
+                convert_vision(hf, ckpt.spec, mode, shapes).save(str(scratch / "vision.mlpackage"))
+            built.append(("vision", package_name("vision", mode)))
+            info["vision"] = {"mode": mode, "precision": "float16", "deployment_target": "iOS18",
+                              "pixel_shapes": [list(s) for s in shapes], "default_shape": list(shapes[0])}
+            log(f"  converted the {mode} vision encoder ({len(shapes)} enumerated slice shapes) in "
+                f"{time.perf_counter() - t0:.1f} s")
+        if "decoder" in got:
+            from .decoder import convert_decoder_function, convert_embedding
+            from .vision import drop_vision
 
-        t0 = time.perf_counter()
-        funcs = {}
-        with hf_quiet(quiet), _quiet_coremltools(quiet):
-            funcs["decode"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, 1, head_quant)
-            funcs["prefill"] = convert_decoder_function(hf, ckpt.spec.text, quant, max_context, prefill, head_quant)
-            funcs["embed"] = convert_embedding(hf, ckpt.spec.text, quant, max_context, head_quant)
-        built.append(("decoder", package_name("decoder", quant=quant), funcs))
-        info["decoder"] = {"quant": quant, "head_quant": head_quant, "block_size": 32 if quant == "int4" else None, "precision": "float16",
-                           "deployment_target": "iOS18", "max_context": max_context, "prefill_len": prefill,
-                           "functions": {"decode": 1, "prefill": prefill, "embed": None}, "default_function": "decode"}
-        log(f"  converted the {quant} decoder (decode, prefill of {prefill}, embed) in {time.perf_counter() - t0:.1f} s")
-    hf = None
-    with staged_folder(out_dir) as tmp:
-        for _, name, ml in built:
-            with _quiet_coremltools(quiet):
-                if isinstance(ml, dict):
-                    _save_multifunction(ml, tmp / name, tmp)
-                else:
-                    ml.save(str(tmp / name))
-            make_reproducible(tmp / name)
-        (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        copied = [tmp / "config.json"] + copy_side_files(ckpt.path, tmp)
-        entries = [package_entry(tmp / n, kind="mlpackage", format="coreml", part=part) for part, n, _ in built]
-        entries += [manifest.artifact_entry(p, kind="copied") for p in copied]
-        import coremltools as ct
+            drop_vision(hf)  # the decoder functions read the text weights only
+            t0 = time.perf_counter()
+            text = ckpt.spec.text
+            steps = {"decode": lambda: convert_decoder_function(hf, text, quant, max_context, 1, head_quant),
+                     "prefill": lambda: convert_decoder_function(hf, text, quant, max_context, prefill, head_quant),
+                     "embed": lambda: convert_embedding(hf, text, quant, max_context, head_quant)}
+            for fname, step in steps.items():
+                with hf_quiet(quiet), _quiet_coremltools(quiet):
+                    step().save(str(scratch / f"{fname}.mlpackage"))
+            built.append(("decoder", package_name("decoder", quant=quant)))
+            info["decoder"] = {"quant": quant, "head_quant": head_quant, "block_size": 32 if quant == "int4" else None,
+                               "precision": "float16", "deployment_target": "iOS18", "max_context": max_context,
+                               "prefill_len": prefill, "functions": {"decode": 1, "prefill": prefill, "embed": None},
+                               "default_function": "decode"}
+            log(f"  converted the {quant} decoder (decode, prefill of {prefill}, embed) in "
+                f"{time.perf_counter() - t0:.1f} s")
+        hf = None
+        with staged_folder(out_dir) as tmp:
+            for part, name in built:
+                with _quiet_coremltools(quiet):
+                    if part == "decoder":
+                        _save_multifunction([scratch / f"{f}.mlpackage" for f in steps], list(steps), tmp / name)
+                    else:
+                        shutil.move(str(scratch / "vision.mlpackage"), str(tmp / name))
+                make_reproducible(tmp / name)
+            (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            copied = [tmp / "config.json"] + copy_side_files(ckpt.path, tmp)
+            entries = [package_entry(tmp / n, kind="mlpackage", format="coreml", part=part) for part, n in built]
+            entries += [manifest.artifact_entry(p, kind="copied") for p in copied]
+            import coremltools as ct
 
-        manifest.write(tmp, {**source_info(ckpt), "coreml": {**info, "coremltools": ct.__version__,
-                                                            "parts": got, "quant": quant}}, entries)
-    return [out_dir / n for _, n, _ in built]
+            manifest.write(tmp, {**source_info(ckpt), "coreml": {**info, "coremltools": ct.__version__,
+                                                                "parts": got, "quant": quant}}, entries)
+    return [out_dir / n for _, n in built]
 
 
 def _quiet_coremltools(quiet: bool):

@@ -124,22 +124,38 @@ def _close16(c: np.ndarray, want: np.ndarray) -> bool:
 
 def folded_weights(fn, claimed: set[str], sources: dict[str, np.ndarray]) -> dict[str, tuple[str, str, np.ndarray]]:
     """HF name -> (constant name, transform, the weight the package computes with, float32) for the
-    parameters of `sources` (HF name -> source value) that `fn` holds only as a folded constant."""
-    pool = [op for op in fn.operations if op.op_type == "const" and op.name not in claimed
-            and op.outputs[0].val is not None and np.asarray(op.outputs[0].val).dtype.kind == "f"]
+    parameters of `sources` (HF name -> source value) that `fn` holds only as a folded constant. A folded
+    matrix large enough to be quantized (a linear's weight renamed by the bias fusion) is a constexpr op:
+    it matches when every value is within half a quantization step (its block's scale) of f(source)."""
+    pool = []
+    for op in fn.operations:
+        if op.name in claimed:
+            continue
+        if op.op_type == "const" and op.outputs[0].val is not None and np.asarray(op.outputs[0].val).dtype.kind == "f":
+            pool.append((op, np.asarray(op.outputs[0].val), None))
+        elif op.op_type == "constexpr_blockwise_shift_scale" and op.outputs[0].name not in claimed:
+            c = np.asarray(op.materialized_val_inference())
+            scale = np.asarray(op.inputs["scale"].val, np.float32)
+            for axis, (n, k) in enumerate(zip(c.shape, scale.shape)):
+                scale = np.repeat(scale, n // k, axis) if n != k else scale
+            pool.append((op, c, np.abs(scale)))
     out = {}
     with np.errstate(all="ignore"):
         for hf, src in sources.items():
             s = src.astype(np.float16).astype(np.float32)
-            for op in pool:
-                c = np.asarray(op.outputs[0].val)
+            for op, c, step in pool:
                 if c.size != s.size:
                     continue
-                c = c.reshape(s.shape) if c.shape != s.shape and c.size == s.size and c.ndim <= 1 else c
+                c = c.reshape(s.shape) if c.shape != s.shape and c.ndim <= 1 else c
                 if c.shape != s.shape:
                     continue
-                hit = next((k for k, (f, _) in FOLDS.items() if _close16(c, f(s))), None)
+                if step is None:
+                    hit = next((k for k, (f, _) in FOLDS.items() if _close16(c, f(s))), None)
+                else:  # quantized: within half a step of the source (plus float16's rounding of the product)
+                    err = np.abs(c.astype(np.float32) - s)
+                    hit = "as stored" if np.all(err <= 0.5 * step * 1.01 + np.abs(s) * 2.0 ** -10) else None
                 if hit is not None:
-                    out[hf] = (op.name, hit, FOLDS[hit][1](c.astype(np.float32)).astype(np.float32))
+                    out[hf] = (op.name, hit if step is None else "as stored, quantized",
+                               FOLDS[hit][1](c.astype(np.float32)).astype(np.float32))
                     break
     return out

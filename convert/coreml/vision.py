@@ -84,3 +84,9 @@ def drop_text(hf_model) -> None:
     parts will be read from: 2.9 of the full-size model's 5.2 GB in float32."""
     hf_model.model.language_model.to_empty(device="meta")
     hf_model.lm_head.to_empty(device="meta")
+
+
+def drop_vision(hf_model) -> None:
+    """Free the vision tower's and merger's weights of a model only its decoder will be read from."""
+    hf_model.model.vision_tower.to_empty(device="meta")
+    hf_model.model.merger.to_empty(device="meta")
