@@ -215,7 +215,7 @@ def cmd_executorch(args) -> int:
 def cmd_coreml(args) -> int:
     from .coreml.export import check_options, check_sizes, export_coreml
 
-    check_options(args.quant, args.mode, args.parts, args.head_quant)
+    parts = check_options(args.quant, args.mode, args.parts, args.head_quant)
     check_sizes(args.max_context, args.prefill_len)
     check_validation_args(args)
     ckpt = open_model(args)
@@ -233,7 +233,7 @@ def cmd_coreml(args) -> int:
 
     from validate.coreml_artifact import PROXY, PROXY_WORDING, read_coreml_artifact, validate_coreml
 
-    if "decoder" in check_options(args.quant, args.mode, args.parts):
+    if "decoder" in parts:
         # the harness: the structural checks, then every scenario in Core ML (macOS) or the proxy (elsewhere)
         runtime = "coreml" if sys.platform == "darwin" else PROXY
         if runtime == PROXY:

@@ -269,8 +269,9 @@ def mark_manifest(folder: Path, status_by_file: dict[str, str]) -> None:
 
 
 @dataclass
-class _BuiltinProjector:
-    """An HF checkpoint's vision tower, as the harness's projector tolerances see it."""
+class Projector:
+    """A vision encoder inside an artifact (an HF checkpoint's tower, an ONNX graph, a `.pte` method, a
+    Core ML package), as the harness's projector tolerances see it: keyed by the nearest GGUF type."""
 
     path: Path
     type_label: str
@@ -300,9 +301,9 @@ class HFArtifact:
         return str(q.get("quant_method", "unknown"))
 
     @property
-    def mmproj(self) -> dict[str, _BuiltinProjector]:
+    def mmproj(self) -> dict[str, Projector]:
         lab = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[self.dtype]
-        return {m: _BuiltinProjector(self.folder, lab) for m in ("16x", "4x")}
+        return {m: Projector(self.folder, lab) for m in ("16x", "4x")}
 
     @property
     def files(self) -> list[Path]:

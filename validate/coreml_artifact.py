@@ -9,7 +9,10 @@ For the vision package:
 - a proxy run: the package's own weights in the PyTorch export module, against the float32
   reference's features of a real image slice ("weights from the package, executed in PyTorch, not by
   Core ML").
-Each failure is one message naming the package and what is wrong.
+For the decoder package (check_decoder_package): its functions, inputs, outputs and states, the opset and
+compression ops, every weight (folded constants included) against the source. Each failure is one
+message naming the package and what is wrong. `CoremlArtifact` is the folder in the harness, run by
+Core ML on macOS or by the coreml-proxy runtime (validate/coreml_proxy.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from convert import manifest
 from convert.checkpoint import Checkpoint
 from convert.coreml.decoder import HEAD_CONSTS
-from convert.coreml.read import decoder_names, function_weights, package_weights, read_program, weight_value
+from convert.coreml.read import decoder_names, function_weights, program_weights, read_program, weight_value
 from convert.errors import ConvertError
+
+from .artifacts import Projector
 
 SPEC_VERSION = {"iOS18": 9}
 PROXY = "coreml-proxy"
@@ -31,11 +37,8 @@ PROXY_WORDING = "weights from the package, executed in PyTorch, not by Core ML"
 
 
 def is_coreml_folder(folder: Path) -> bool:
-    try:
-        man = json.loads((Path(folder) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(man, dict) and isinstance((man.get("source") or {}).get("coreml"), dict)
+    m = manifest.read(folder)
+    return bool(m and isinstance((m.get("source") or {}).get("coreml"), dict))
 
 
 def read_coreml(folder: str | Path) -> dict:
@@ -294,7 +297,7 @@ def check_decoder_package(ckpt: Checkpoint, path: Path, info: dict, hf_model) ->
                 if got.shape != src.shape or not np.array_equal(got, src):
                     problems.append(f"function {fname}: weight {hf_name}: differs from the source in float16")
     # the rest must be constants Core ML folded from them (1 + w, -exp(w), a fused bias): found by value
-    _, folds = package_weights(path, names, lambda n: _source(ckpt, n).astype(np.float32))
+    _, folds = program_weights(prog, names, lambda n: _source(ckpt, n).astype(np.float32))
     seen = {hf for fn in prog.functions.values() for hf in function_weights(fn, names)} | set(folds)
     problems += [f"weight {hf}: not in the package, by name or as a constant folded from it"
                  for hf in sorted(set(names.values()) - seen)]
@@ -342,12 +345,6 @@ def validate_coreml(ckpt: Checkpoint, folder: str | Path, quiet: bool = False) -
 
 
 @dataclass
-class _Projector:
-    path: Path
-    type_label: str
-
-
-@dataclass
 class CoremlArtifact:
     """A `python -m convert coreml` folder, run by Core ML on macOS or by the proxy (runtimes/coreml.py)."""
 
@@ -366,9 +363,9 @@ class CoremlArtifact:
         return f"coreml-{self.info.get('quant')}"  # its key in tolerances.json
 
     @property
-    def mmproj(self) -> dict[str, _Projector]:
+    def mmproj(self) -> dict[str, Projector]:
         v = self.info.get("vision")
-        return {v["mode"]: _Projector(self.packages["vision"], "F16")} if v and "vision" in self.packages else {}
+        return {v["mode"]: Projector(self.packages["vision"], "F16")} if v and "vision" in self.packages else {}
 
     @property
     def files(self) -> list[Path]:

@@ -18,6 +18,8 @@ from convert import manifest
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 
+from .artifacts import Projector
+
 RUNNER_METHODS = ("vision_encoder", "token_embedding", "text_decoder")
 CONSTANTS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_bos_id", "get_eos_ids",
              "use_kv_cache", "enable_dynamic_shape")
@@ -26,12 +28,6 @@ CONSTANTS = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_bo
 def is_executorch_folder(folder: Path) -> bool:
     m = manifest.read(folder)
     return bool(m and isinstance((m.get("source") or {}).get("executorch"), dict))
-
-
-@dataclass
-class _Projector:
-    path: Path
-    type_label: str
 
 
 @dataclass
@@ -54,10 +50,10 @@ class ExecutorchArtifact:
         return f"executorch-{self.et['quant']}"  # its key in tolerances.json
 
     @property
-    def mmproj(self) -> dict[str, _Projector]:
+    def mmproj(self) -> dict[str, Projector]:
         # the projector tolerance of the nearest GGUF type: int8 weights (and activations) ~ Q8_0
         label = "F32" if self.et.get("vision_quant", "fp32") == "fp32" else "Q8_0"
-        return {m: _Projector(self.pte, label) for m in self.et.get("modes", ["16x"])}
+        return {m: Projector(self.pte, label) for m in self.et.get("modes", ["16x"])}
 
     @property
     def files(self) -> list[Path]:

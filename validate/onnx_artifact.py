@@ -19,6 +19,8 @@ from convert import manifest
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 
+from .artifacts import Projector
+
 LABELS = {"fp32": "F32", "fp16": "F16", "int4": "INT4"}  # the vision encoder's, for the projector tolerances
 INT4_RTN_FACTOR = 1.5
 
@@ -49,12 +51,6 @@ def fp16_as_converted(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Projector:
-    path: Path
-    type_label: str
-
-
-@dataclass
 class OnnxArtifact:
     folder: Path
     config: dict
@@ -79,9 +75,9 @@ class OnnxArtifact:
         return self._files
 
     @property
-    def mmproj(self) -> dict[str, _Projector]:
+    def mmproj(self) -> dict[str, Projector]:
         vq = "fp32" if self.onnx["quant"] == "fp32" else "fp16"
-        return {r.split("_")[1]: _Projector(p, LABELS[vq]) for r, p in self.roles.items() if r.startswith("vision_")}
+        return {r.split("_")[1]: Projector(p, LABELS[vq]) for r, p in self.roles.items() if r.startswith("vision_")}
 
     @property
     def files(self) -> list[Path]:

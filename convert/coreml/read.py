@@ -1,6 +1,6 @@
 """A Core ML package read back from its own files: the spec, the MIL program and its weights, with the
 names of the HF tensors they came from. Used by the checks (validate/coreml_artifact.py) and by the
-proxy runtime (runtimes/coreml.py), which runs these weights, not the checkpoint's."""
+proxy runtime (validate/coreml_proxy.py), which runs these weights, not the checkpoint's."""
 
 from __future__ import annotations
 
@@ -64,11 +64,15 @@ def weight_value(kind: str, op) -> np.ndarray:
 
 
 def package_weights(path: Path, names: dict[str, str], source=None) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
-    """Every weight of a package keyed by HF name (a weight shared by several functions read once): float16
+    """`program_weights` of the package at `path`."""
+    return program_weights(read_program(path)[1], names, source)
+
+
+def program_weights(prog, names: dict[str, str], source=None) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+    """Every weight of a package's program keyed by HF name (a weight shared by several functions read once): float16
     as stored, or, for a parameter Core ML folded into another constant, its inverse from that constant
     (float32; located by value with `source(hf_name) -> source tensor`, see FOLDS). Also the folds:
     HF name -> (function, constant, transform)."""
-    _, prog = read_program(path)
     out: dict[str, np.ndarray] = {}
     folds: dict[str, tuple] = {}
     claimed: dict[str, set] = {}
@@ -133,7 +137,7 @@ def folded_weights(fn, claimed: set[str], sources: dict[str, np.ndarray]) -> dic
             continue
         if op.op_type == "const" and op.outputs[0].val is not None and np.asarray(op.outputs[0].val).dtype.kind == "f":
             pool.append((op, np.asarray(op.outputs[0].val), None))
-        elif op.op_type == "constexpr_blockwise_shift_scale" and op.outputs[0].name not in claimed:
+        elif op.op_type == "constexpr_blockwise_shift_scale":
             c = np.asarray(op.materialized_val_inference())
             scale = np.asarray(op.inputs["scale"].val, np.float32)
             for axis, (n, k) in enumerate(zip(c.shape, scale.shape)):
