@@ -41,6 +41,17 @@ def check_validation_args(args) -> None:
         from validate.scenarios import load_scenarios
 
         load_scenarios(args.scenarios)
+    if getattr(args, "phone", None):
+        if args.no_validate:
+            raise ConvertError("--phone chooses where the validation runs: it cannot go with --no-validate")
+        from runtimes.phone.profiles import get_profile
+        from validate.harness import PHONE_RUNTIMES
+
+        get_profile(args.phone)
+        rt = getattr(args, "validation_runtime", None)
+        if rt not in PHONE_RUNTIMES:
+            raise ConvertError(f"--phone {args.phone}: these files run in {rt or 'transformers'}, which has no aarch64 "
+                               f"build yet (the phone profiles run {', '.join(PHONE_RUNTIMES)})")
 
 
 def cmd_synth(args) -> int:
@@ -120,14 +131,11 @@ def validate_outputs(args, ckpt, out: Path, paths: list[Path]) -> int:
         raise ConvertError("validation needs llama-cpp-python (pip install -e '.[llama]'); the files are written, "
                            "pass --no-validate to skip it")
     from validate.artifacts import Artifact, mark_manifest, read_gguf
-    from validate.cli import REPORT_HTML, REPORT_JSON, validate_and_report
-    from validate.harness import Profile
+    from validate.cli import REPORT_HTML, REPORT_JSON, make_profile, validate_and_report
 
     infos = [read_gguf(p) for p in paths]
     art = Artifact(infos[0], {i.mode: i for i in infos[1:]}, out)
-    profile = Profile()
-    if args.threads:
-        profile.threads = args.threads
+    profile = make_profile(args)
     print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
     report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
                                  imatrix=args.imatrix, json_out=out / REPORT_JSON, html_out=out / REPORT_HTML,
@@ -151,12 +159,9 @@ def validate_folder(args, ckpt, out: Path, art, what: str) -> int:
     """Validate an artifact folder just written (an HF checkpoint, an ONNX export); a failure keeps it,
     its files marked failed in the manifest."""
     from validate.artifacts import mark_manifest
-    from validate.cli import REPORT_HTML, REPORT_JSON, validate_and_report
-    from validate.harness import Profile
+    from validate.cli import REPORT_HTML, REPORT_JSON, make_profile, validate_and_report
 
-    profile = Profile()
-    if getattr(args, "threads", None):
-        profile.threads = args.threads
+    profile = make_profile(args)
     print(f"validating {art.name} against the PyTorch reference (scenarios: {args.scenarios}; --no-validate skips this)")
     report = validate_and_report(ckpt, [art], scenarios=args.scenarios, profile=profile, quiet=args.quiet,
                                  json_out=out / REPORT_JSON, html_out=out / REPORT_HTML, speed_anchor=False,
@@ -288,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     g.add_argument("--allow-nonfinite", action="store_true", help="write tensors holding NaN/Inf instead of refusing")
     _validation_options(g)
-    g.set_defaults(func=cmd_gguf)
+    g.set_defaults(func=cmd_gguf, validation_runtime="llama.cpp")
 
     o = sub.add_parser("onnx", help="write the vision encoder, token embedding and decoder as ONNX (onnx-community "
                        "layout), validated in ONNX Runtime")
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", help="output folder (default ./out/<model name>-onnx)")
     o.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(o)
-    o.set_defaults(func=cmd_onnx)
+    o.set_defaults(func=cmd_onnx, validation_runtime="onnxruntime")
 
     e = sub.add_parser("executorch", help="write one ExecuTorch .pte (vision_encoder, token_embedding, text_decoder; "
                        "XNNPACK) for ExecuTorch's multimodal runner, validated in the ExecuTorch runtime")
@@ -320,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output folder (default ./out/<model name>-executorch)")
     e.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(e)
-    e.set_defaults(func=cmd_executorch)
+    e.set_defaults(func=cmd_executorch, validation_runtime="executorch")
 
     c = sub.add_parser("coreml", help="write Core ML packages for iOS (the float16 vision encoder an app runs on "
                        "the Neural Engine beside llama.cpp's decoder), checked from their own bytes")
@@ -338,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default ./out/<model name>-coreml)")
     c.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(c)
-    c.set_defaults(func=cmd_coreml)
+    c.set_defaults(func=cmd_coreml, validation_runtime="coreml")
     return ap
 
 
@@ -350,6 +355,9 @@ def _validation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kl", type=float, help="validation quality budget: fail when the decoder's mean KL from the "
                    "fp32 reference exceeds this (nats; default: reported, not judged)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from validate.cli import add_phone_arg
+
+    add_phone_arg(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,10 @@ class Runtime(ABC):
         """Why scenarios of `kind` cannot run here (shown as the skip reason)."""
         return f"the {self.name} runtime does not support {kind} input"
 
+    def system_info(self) -> dict:
+        """What the runtime itself reports about the CPU features it uses (for reports)."""
+        return {}
+
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text`; never adds BOS/EOS. `special`: parse special-token text

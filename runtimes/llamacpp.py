@@ -174,6 +174,10 @@ class LlamaCppRuntime(Runtime):
             return "no mmproj GGUF loaded"
         return super().unsupported(kind)
 
+    def system_info(self) -> dict:
+        """ggml's CPU backend's own feature report (its run-time detection, e.g. DOTPROD = 1)."""
+        return {"llama_cpp": _ll.llama_print_system_info().decode("utf-8", "replace").strip()}
+
     def __init__(self, decoder: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
                  n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
                  kv_f32: bool = True, flash_attn: bool | None = False, n_gpu_layers: int = 0,

@@ -50,7 +50,7 @@ class OrtEngine(Engine):
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
         self.options = so
-        self.files = files
+        self.files = {k: Path(v) for k, v in files.items()}  # str from a remote engine's JSON
         self.modes = tuple(r.split("_")[1] for r in files if r.startswith("vision_"))
         self._sessions: dict[str, object] = {}
         dec = self._session("decoder")
@@ -77,6 +77,9 @@ class OrtEngine(Engine):
             shape = [d if isinstance(d, int) else 0 for d in i.shape]  # the only symbolic axis is the past length
             self._state[i.name] = np.zeros(shape, dtype=_NP[i.type])
         self._past = 0
+
+    def system_info(self) -> dict:
+        return {"onnxruntime": f"{self.ort.__version__} ({', '.join(self.ort.get_available_providers())})"}
 
     def encode(self, pixels: np.ndarray, mode: str) -> np.ndarray:
         return self._session(f"vision_{mode}").run(None, {"pixel_values": pixels.astype(np.float32)})[0].astype(np.float32)
@@ -108,9 +111,17 @@ class OnnxRuntime(PipelineRuntime):
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, *, mode: str = "16x", n_threads: int | None = None,
-                 max_call_tokens: int | None = None, ort_format: bool = False, **_ignored):
+                 max_call_tokens: int | None = None, ort_format: bool = False, phone: str | None = None, **_ignored):
+        """`phone`: a phone profile's name: the sessions run in its aarch64 guest (runtimes/phone/remote.py)."""
         folder = Path(folder)
-        engine = OrtEngine(onnx_files(folder, ort_format), n_threads)
+        files = onnx_files(folder, ort_format)
+        if phone:
+            from .phone.remote import RemoteEngine
+
+            engine = RemoteEngine(phone, "runtimes.onnxruntime:OrtEngine",
+                                  {"files": {k: str(v) for k, v in files.items()}, "n_threads": n_threads})
+        else:
+            engine = OrtEngine(files, n_threads)
         kw = {"max_call_tokens": max_call_tokens} if max_call_tokens else {}
         super().__init__(folder, engine, mode=mode, **kw)
         self.manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))

@@ -46,6 +46,10 @@ class Engine(ABC):
     def reset(self) -> None:
         """Drop the state: the next decode starts a conversation."""
 
+    def system_info(self) -> dict:
+        """What the engine's library reports about itself (for reports)."""
+        return {}
+
     modes: tuple[str, ...] = ("16x",)  # vision encoders present
     full_logits = True  # decode returns every position's logits unless last_only (else the last row only)
 
@@ -133,6 +137,9 @@ class PipelineRuntime(Runtime):
         self._last: np.ndarray | None = None
         self.n_decoder_calls = 0  # decoder calls since load (tests check that a prompt is one call)
         self.last_timings: dict[str, float] = {}
+
+    def system_info(self) -> dict:
+        return self.engine.system_info()
 
     # -- text -------------------------------------------------------------------------------------
 

@@ -68,6 +68,26 @@ def reference(tiny_ckpt):
     return ReferenceRuntime(tiny_ckpt)
 
 
+@pytest.fixture(scope="session")
+def onnx_dirs(tmp_path_factory, tiny_dir):
+    """(quant, portable) -> an ONNX folder of the tiny model (both modes), exported on demand."""
+    from convert import Checkpoint
+    from convert.onnx.export import export_onnx
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(quant: str = "fp32", portable: bool = False, ckpt_dir: Path | None = None) -> Path:
+        key = (quant, portable, ckpt_dir)
+        if key not in cache:
+            out = root / f"{quant}{'-portable' if portable else ''}-{len(cache)}"
+            export_onnx(Checkpoint(ckpt_dir or tiny_dir), out, quant=quant, mode="both", portable=portable, quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -29,3 +29,15 @@ class WrongModeRuntime(LlamaCppRuntime):
         import numpy as np
 
         return [np.repeat(e, 4, axis=0) for e in super().image_embeddings(image)]
+
+
+class NonFiniteRuntime(LlamaCppRuntime):
+    """Right logits except one NaN and one inf per row after the prompt: NaN compares false with
+    every tolerance, so only an explicit check fails it."""
+
+    def extend(self, tokens):
+        import numpy as np
+
+        rows = np.array(super().extend(tokens), copy=True)
+        rows[:, 0], rows[:, 1] = np.nan, np.inf
+        return rows

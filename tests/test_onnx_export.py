@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,25 +12,6 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from convert import Checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def onnx_dirs(tmp_path_factory, tiny_dir):
-    """(quant, portable) -> an ONNX folder of the tiny model (both modes), exported on demand."""
-    from convert.onnx.export import export_onnx
-
-    cache: dict = {}
-    root = tmp_path_factory.mktemp("onnx")
-
-    def get(quant: str = "fp32", portable: bool = False, ckpt_dir: Path | None = None) -> Path:
-        key = (quant, portable, ckpt_dir)
-        if key not in cache:
-            out = root / f"{quant}{'-portable' if portable else ''}-{len(cache)}"
-            export_onnx(Checkpoint(ckpt_dir or tiny_dir), out, quant=quant, mode="both", portable=portable, quiet=True)
-            cache[key] = out
-        return cache[key]
-
-    return get
 
 
 def _run(ckpt_dir, folder, scenarios):

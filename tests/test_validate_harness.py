@@ -183,6 +183,20 @@ def test_runtime_crash_or_hang_is_a_failed_row(tiny_ckpt, tiny_gguf, tmp_path, r
     assert [s["status"] for s in row["scenarios"]] == ["not-run"] * 3
 
 
+def test_non_finite_logits_fail(tiny_ckpt, tiny_gguf):
+    """NaN or inf in a runtime's logits fails the scenario with one message naming them (a NaN KL
+    used to pass every tolerance: found with the phone profile's float16 overflow)."""
+    dec, mm = tiny_gguf("f16")
+    prof = Profile(runtime="fake_runtimes:NonFiniteRuntime")
+    rep = run_validation(tiny_ckpt, discover(None, dec, []), load_scenarios("text-chat"), profile=prof,
+                         quiet=True, speed_anchor=False, speed=False, env={"PYTHONPATH": str(Path(__file__).parent)})
+    row = rep["artifacts"][0]
+    assert rep["exit_code"] == EXIT_FAILED and row["verdict"]["conversion"] == "fail"
+    (msg,) = row["scenarios"][0]["failures"]
+    teacher = row["scenarios"][0]["greedy"]["steps"] - 1  # rows after the prompt: one per teacher token
+    assert msg.startswith("text-chat: logits:") and f"{2 * teacher} non-finite values (NaN or inf) in {teacher} of" in msg, msg
+
+
 def test_runtime_embeddings_disagreeing_with_its_layout_is_a_failed_row(tiny_ckpt, tiny_gguf):
     """A runtime whose image embeddings do not match its own layout: a failure row naming it, no
     traceback from the arithmetic (the transformers-quant runtime once returned 16x embeddings

@@ -99,8 +99,11 @@ class Artifact:
 
     def runtime_kwargs(self, mode: str, profile) -> dict:
         mm = self.mmproj.get(mode)
-        return {"decoder": str(self.decoder.path), "mmproj": str(mm.path) if mm else None,
-                "n_ctx": profile.n_ctx, "n_threads": profile.threads}
+        kw = {"decoder": str(self.decoder.path), "mmproj": str(mm.path) if mm else None,
+              "n_ctx": profile.n_ctx, "n_threads": profile.threads}
+        if getattr(profile, "n_batch", None):  # a phone profile's batch sizes (the app's settings)
+            kw.update(n_batch=profile.n_batch, n_ubatch=profile.n_ubatch)
+        return kw
 
     def static_checks(self, ckpt: Checkpoint, *, imatrix=None, quiet: bool = True) -> list[dict]:
         """Manifest hashes; every tensor against dequant(quant(source after transforms)); every key."""

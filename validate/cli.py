@@ -2,7 +2,7 @@
 
     python -m validate [--model SRC] (ARTIFACTS_DIR | --decoder FILE [--mmproj FILE ...])
                        [--scenarios SET|NAMES] [--threads N] [--ctx N] [--memory-budget MB]
-                       [--timeout S] [--imatrix FILE] [--json out.json] [--report out.html] [--quiet]
+                       [--timeout S] [--phone PROFILE] [--imatrix FILE] [--json out.json] [--report out.html] [--quiet]
 
 Exit codes: 0 every scenario passed (known differences and skips allowed), 2 bad input (one line
 `error: ...`), 3 validation failed, 4 a runtime crashed or hung, 1 unexpected error.
@@ -50,7 +50,6 @@ def validate_and_report(ckpt, artifacts, *, scenarios: str = "default", profile=
 
 def cmd_validate(args) -> int:
     from .artifacts import discover
-    from .harness import Profile
 
     if args.artifacts is None and args.decoder is None:
         raise ConvertError("give an artifacts folder or --decoder FILE")
@@ -63,17 +62,17 @@ def cmd_validate(args) -> int:
     from .scenarios import load_scenarios
 
     load_scenarios(args.scenarios)  # an unknown set fails before anything loads
+    if args.phone:
+        from runtimes.phone.profiles import get_profile
+
+        get_profile(args.phone)
     from runtimes.base import RUNTIMES
 
     if args.runtime is not None and args.runtime not in RUNTIMES and ":" not in args.runtime:
         raise ConvertError(f"--runtime {args.runtime!r}: unknown; choose one of {', '.join(RUNTIMES)} or MODULE:CLASS")
     artifacts = discover(args.artifacts, args.decoder, args.mmproj, runtime=args.runtime)
     ckpt = open_model(args)
-    profile = Profile(runtime=args.runtime or "llama.cpp")
-    for field, v in (("threads", args.threads), ("n_ctx", args.ctx), ("memory_budget_mb", args.memory_budget),
-                     ("timeout_s", args.timeout)):
-        if v is not None:
-            setattr(profile, field, v)
+    profile = make_profile(args, runtime=args.runtime or "llama.cpp")
     folder = Path(args.artifacts) if args.artifacts else None
     json_out = Path(args.json) if args.json else (folder / REPORT_JSON if folder else None)
     html_out = Path(args.report) if args.report else (folder / REPORT_HTML if folder else None)
@@ -81,6 +80,32 @@ def cmd_validate(args) -> int:
                                  imatrix=args.imatrix, json_out=json_out, html_out=html_out,
                                  speed_anchor=not args.no_speed_anchor, max_kl=args.max_kl)
     return report["exit_code"]
+
+
+def make_profile(args, **fields):
+    """The harness's profile from the options: a phone profile's settings (and its aarch64 runtimes,
+    built on first use) under --phone, the options given on top."""
+    from .harness import Profile
+
+    over = {"threads": getattr(args, "threads", None), "n_ctx": getattr(args, "ctx", None),
+            "memory_budget_mb": getattr(args, "memory_budget", None), "timeout_s": getattr(args, "timeout", None)}
+    if getattr(args, "phone", None):
+        from runtimes.phone.build import ensure
+        from runtimes.phone.profiles import get_profile
+
+        return Profile.for_phone(ensure(get_profile(args.phone), quiet=args.quiet), **fields, **over)
+    prof = Profile(**fields)
+    for k, v in over.items():
+        if v is not None:
+            setattr(prof, k, v)
+    return prof
+
+
+def add_phone_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phone", metavar="PROFILE", help="run the runtimes under an emulated phone (recipes/phones.toml: "
+                   "android-armv82, android-armv86, harmonyos): the app's llama.cpp build for aarch64 under qemu, "
+                   "compared with the references and with this machine's run of the same file (emulated ISA and "
+                   "numerics, not phone speed; built on first use, python -m runtimes.phone setup)")
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_args(ap)
     ap.add_argument("--runtime", help="runtime to load the artifacts in (default: the folder's own: llama.cpp for GGUF, "
                     "onnxruntime, executorch, coreml on macOS; coreml-proxy runs a Core ML package's weights in PyTorch)")
+    add_phone_arg(ap)
     ap.add_argument("--imatrix", help="the importance matrix the artifact was quantized with (exact tensor checks)")
     ap.add_argument("--json", help=f"JSON report (default: {REPORT_JSON} in the artifacts folder)")
     ap.add_argument("--report", help=f"HTML report (default: {REPORT_HTML} in the artifacts folder)")

@@ -127,3 +127,33 @@ def plant(fault: str, decoder: Path, mmproj: Path, folder: Path) -> tuple[Path, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return FAULTS[fault].plant(Path(decoder), Path(mmproj), folder)
+
+
+def massive_activations(src: Path, dst: Path, layer: int = 0, norm_gain: float = 4.0) -> Path:
+    """A checkpoint whose decoder layer `layer` writes activations of about 1e6 into the residual
+    stream (its MLP's input norm scaled by `norm_gain`, its down_proj by the largest factor that
+    float16 still stores), as models with "massive activations" do. Every runtime that sums in
+    float32 computes it like the reference; llama.cpp's F16 matmuls on an ARM CPU with fp16
+    arithmetic (armv8.2-a+fp16: the phone apps' build) sum in float16 and overflow. The fault that
+    only the phone profile can see (tests/test_phone.py)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    files = sorted(src.glob("*.safetensors"))
+    pre = f"model.language_model.layers.{layer}."
+    for f in files:
+        tensors = load_file(f)
+        for name in list(tensors):
+            t = tensors[name]
+            if name == pre + "post_attention_layernorm.weight":  # Qwen3.5's RMSNorm scales by (1 + w)
+                tensors[name] = ((1.0 + t.float()) * norm_gain - 1.0).to(t.dtype)
+            elif name == pre + "mlp.down_proj.weight":
+                w = t.float()
+                tensors[name] = (w * (0.5 * 65504.0 / float(w.abs().max()))).to(t.dtype)
+        save_file(tensors, dst / f.name, metadata={"format": "pt"})
+    for f in src.glob("*.index.json"):
+        shutil.copy2(f, dst / f.name)
+    return dst

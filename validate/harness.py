@@ -12,13 +12,14 @@ For each artifact (a decoder GGUF and its projectors):
 
 from __future__ import annotations
 
+import contextlib
 import json
-
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +46,37 @@ class Profile:
     memory_budget_mb: float = 3072.0
     timeout_s: float = 600.0
     runtime: str = "llama.cpp"
+    n_batch: int | None = None  # llama.cpp's batch sizes (None: the runtime's defaults)
+    n_ubatch: int | None = None
+    phone: Any = None  # runtimes.phone.build.PhoneSetup: runtimes with an aarch64 build run under qemu
+
+    @classmethod
+    def for_phone(cls, setup, **overrides) -> "Profile":
+        """A phone profile's settings (threads, context, batch, memory budget) and its emulator;
+        the deadline grows by EMULATION_SLOWDOWN (qemu translates every instruction)."""
+        p = setup.profile
+        prof = cls(threads=p.threads, n_ctx=p.n_ctx, memory_budget_mb=p.memory_budget_mb, n_batch=p.n_batch,
+                   n_ubatch=p.n_ubatch, phone=setup, timeout_s=cls.timeout_s * EMULATION_SLOWDOWN)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(prof, k, v * EMULATION_SLOWDOWN if k == "timeout_s" else v)
+        return prof
 
     def as_dict(self) -> dict:
-        return {"threads": self.threads, "n_ctx": self.n_ctx, "memory_budget_mb": self.memory_budget_mb,
-                "timeout_s": self.timeout_s, "runtime": self.runtime}
+        out = {"threads": self.threads, "n_ctx": self.n_ctx, "memory_budget_mb": self.memory_budget_mb,
+               "timeout_s": self.timeout_s, "runtime": self.runtime}
+        if self.n_batch:
+            out.update(n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+        if self.phone is not None:
+            out["phone"] = self.phone.describe()
+        return out
+
+
+EMULATION_SLOWDOWN = 20  # deadline factor under qemu; measured ~10-15x on the tiny model
+PHONE_RUNTIMES = ("llama.cpp", "onnxruntime")  # runtimes with an aarch64 build (runtimes/phone/build.py)
+# of those, the ones whose exported-graph engine runs in the guest behind the app-side pipeline
+# on this machine (runtimes/phone/remote.py); the others run whole in the guest
+PHONE_ENGINES = ("onnxruntime",)
 
 
 def tolerances() -> dict:
@@ -143,6 +171,15 @@ class Harness:
         peak = 0.0
         speed: dict = {}
         bar = _progress(self.quiet, len(scenarios), art.name[:40])
+        phone = self.profile.phone
+        if phone is not None and runtime not in PHONE_RUNTIMES:
+            bar.close()
+            reason = (f"not run under the phone profile {phone.profile.name}: no aarch64 build of the {runtime} "
+                      f"runtime yet (phone runtimes: {', '.join(PHONE_RUNTIMES)})")
+            row.update(status="skipped", error=reason)
+            row["scenarios"] = [{"scenario": sc.name, "kind": sc.kind, "status": "skipped", "reason": reason}
+                                for sc in scenarios]
+            modes = []
         try:
             for mode in modes:
                 todo = [s for s in scenarios if s.name not in done and (s.mode == mode or not s.needs_vision)]
@@ -150,14 +187,24 @@ class Harness:
                     continue
                 mm = art.mmproj.get(mode)
                 kwargs = art.runtime_kwargs(mode, self.profile)
+                guest, phone_kw = phone, kwargs
+                if phone is not None and runtime in PHONE_ENGINES:
+                    guest, phone_kw = None, {**kwargs, "phone": phone.profile.name}
                 try:
-                    with RuntimeProcess(runtime, kwargs, deadline=deadline, env=self.env) as proc:
+                    # under a phone profile the same file also runs on this machine (x86) with the same
+                    # settings: the third comparison, aarch64 kernels against x86 ones
+                    with RuntimeProcess(runtime, phone_kw, deadline=deadline, env=self.env, phone=guest) as proc, \
+                            (RuntimeProcess(runtime, kwargs, deadline=deadline, env=self.env) if phone
+                             else contextlib.nullcontext()) as host:
+                        row.setdefault("platform", proc.info.get("platform", {}))
+                        if host is not None:
+                            row.setdefault("host_platform", host.info.get("platform", {}))
                         try:
                             for sc in todo:
-                                row["scenarios"].append(self._scenario(proc, sc, art, mm, fq))
+                                row["scenarios"].append(self._scenario(proc, sc, art, mm, fq, host))
                                 done.add(sc.name)
                                 bar.update(1)
-                            if not speed and self.speed:
+                            if not speed and self.speed and phone is None:  # emulated time says nothing
                                 speed = self._speed(proc, scenarios, mm)
                         finally:
                             peak = max(peak, proc.peak_rss_mb)
@@ -179,7 +226,12 @@ class Harness:
             row["size_ratio_f16"] = row["size_bytes"] / anchor["size_bytes"] if anchor.get("size_bytes") else None
             row["speed"]["ratio_f16"] = {k: (speed[k] / anchor["speed"][k]) for k in speed
                                          if anchor.get("speed", {}).get(k)}
-        if peak > self.profile.memory_budget_mb and not getattr(art, "device_memory", True):
+        if peak > self.profile.memory_budget_mb and phone is not None:
+            row["checks"].append({"check": "memory", "status": "skipped",
+                                  "message": f"{art.name}: peak RSS {peak:.0f} MB is the emulated run's (qemu and the guest, or "
+                                             f"the app-side pipeline on this machine), not a phone's: the budget "
+                                             f"is not judged"})
+        elif peak > self.profile.memory_budget_mb and not getattr(art, "device_memory", True):
             row["checks"].append({"check": "memory", "status": "skipped",
                                   "message": f"{art.name}: peak RSS {peak:.0f} MB is the {runtime} runtime's (PyTorch's), "
                                              f"not a phone's: the budget is not judged"})
@@ -198,7 +250,9 @@ class Harness:
     def _skip(self, sc: Scenario, reason: str) -> dict:
         return {"scenario": sc.name, "kind": sc.kind, "status": "skipped", "reason": reason}
 
-    def _scenario(self, proc: RuntimeProcess, sc: Scenario, art: Artifact, mm, fq: Reference | None) -> dict:
+    def _scenario(self, proc: RuntimeProcess, sc: Scenario, art: Artifact, mm, fq: Reference | None,
+                  host: RuntimeProcess | None = None) -> dict:
+        """One scenario in `proc`; `host` (a phone run's x86 twin) adds the aarch64-vs-x86 figures."""
         kind_needed = "video" if sc.kind == "video" else "image" if sc.kind == "image" else "text"
         if kind_needed not in proc.info["capabilities"]:
             return self._skip(sc, proc.info["unsupported"].get(kind_needed, f"no {kind_needed} support"))
@@ -235,7 +289,13 @@ class Harness:
             encode_s += emb["seconds"]
             art_embs = [np.load(f) for f in emb["files"]]
             native = self.fp32.native_image((str(path), sc.mode), load_media(specs[i]), sc.mode)
-            pix = proc.request("pixels", image=str(path), out=str(self.scratch / f"pix-{sc.name}-{i}"))["files"]
+            # the runtime's pixels come from a numpy replica of its preprocessing, not from the
+            # runtime: on a phone run, this machine's twin computes them
+            pix = (host or proc).request("pixels", image=str(path), out=str(self.scratch / f"pix-{sc.name}-{i}"))["files"]
+            if host is not None:
+                x86 = host.request("embeddings", image=str(path), out=str(self.scratch / f"emb-x86-{sc.name}-{i}"))
+                out.setdefault("x86", {}).setdefault("image_cosine", []).extend(
+                    cosine(np.load(f), a) for f, a in zip(x86["files"], art_embs))
             if pix is None:  # the runtime preprocesses like transformers' processor
                 ref_embs = native
             else:
@@ -313,6 +373,11 @@ class Harness:
             fail.append(f"{sc.name}: logits: {art.name} returned {art_logits.shape[0]} rows for {ref_logits.shape[0]} "
                         f"positions ({n_text} prompt tokens)")
             return self._finish(out, known_diff, sc)
+        bad = int(np.size(art_logits) - np.count_nonzero(np.isfinite(art_logits)))
+        if bad:  # NaN compares false with every tolerance: judged here, not by the metrics
+            rows = int(np.count_nonzero(~np.isfinite(art_logits).all(axis=-1)))
+            fail.append(f"{sc.name}: logits: {art.name} returned {bad} non-finite values (NaN or inf) in {rows} of "
+                        f"{art_logits.shape[0]} positions")
         summary, series = compare_logits(ref_logits, art_logits)
         out["metrics"] = {"fp32": summary}
         out["series"] = series
@@ -323,16 +388,34 @@ class Harness:
             out["metrics"]["fake-quant-vs-fp32"], yard = compare_logits(ref_logits, fq_logits)
             out["series_fake_quant"]["types_logit_err"] = yard["logit_err"]
         art_toks = [int(np.argmax(art_logits[len(art_logits) - sc.greedy + k])) for k in range(sc.greedy)]
+        if host is not None:
+            x86 = np.load(host.request("run", turns=wire, teacher=ref_toks[:-1],
+                                       out=str(self.scratch / f"logits-x86-{sc.name}.npy"))["file"], mmap_mode="r")
+            out.setdefault("x86", {}).update(_isa_comparison(x86, art_logits, sc.greedy))
         div = next((k for k, (a, b) in enumerate(zip(ref_toks, art_toks)) if a != b), None)
         # the artifact's tokens are its argmax at each step with the reference's tokens fed (teacher
         # forcing), so they equal free-running greedy decoding up to and including the first divergence
         out["greedy"] = {"steps": sc.greedy, "teacher_forced": True, "reference": ref_toks, "artifact": art_toks,
                          "first_divergence": div,
                          "reference_text": tok.decode(ref_toks), "artifact_text": tok.decode(art_toks)}
-        fails, out["verdict"] = judge(sc.name, art.name, art.label, out["metrics"],
-                                      out.get("series_fake_quant", series), self.tol, self.budget(art.label))
+        rules = self.rules_label(art.label, art.runtime or self.profile.runtime)
+        fails, out["verdict"] = judge(sc.name, art.name, rules, out["metrics"], out.get("series_fake_quant", series),
+                                      self.tol, self.budget(art.label))
         fail += fails
         return self._finish(out, known_diff, sc)
+
+    def rules_label(self, label: str, runtime: str) -> str:
+        """The conversion rules' key for a type: on a phone CPU with fp16 vector arithmetic, the
+        tolerances' "aarch64-fp16-<type>" entry when there is one. There llama.cpp's ARM kernels
+        (built with +fp16) and ONNX Runtime's ARM64 fp16 kernels sum float16 matmuls in float16,
+        where the fake-quant reference sums in float32."""
+        phone = self.profile.phone
+        if (phone is not None and "asimdhp" in phone.features
+                and (runtime != "llama.cpp" or "+fp16" in phone.profile.arm_arch)):
+            key = f"aarch64-fp16-{label}"
+            if key in self.tol["conversion"].get("by_type", {}):
+                return key
+        return label
 
     def budget(self, label: str) -> float | None:
         """The quality budget (max KL mean vs fp32) for a decoder type: --max-kl, else the
@@ -386,6 +469,16 @@ class Harness:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
+def _isa_comparison(x86: np.ndarray, arm: np.ndarray, greedy: int) -> dict:
+    """The same file's logits on the phone (aarch64 under qemu) against this machine's (x86)."""
+    if x86.shape != arm.shape:
+        return {"error": f"{arm.shape[0]} rows on aarch64, {x86.shape[0]} on x86"}
+    summary, _ = compare_logits(x86, arm)
+    gx = [int(np.argmax(x86[len(x86) - greedy + k])) for k in range(greedy)]
+    ga = [int(np.argmax(arm[len(arm) - greedy + k])) for k in range(greedy)]
+    return {"metrics": summary, "greedy_x86": gx, "greedy_agreement": sum(a == b for a, b in zip(gx, ga)) / max(1, greedy)}
+
+
 def _segments(layout: list[dict], embs: list[np.ndarray]) -> list:
     """One image's reference segments in the runtime's layout: its wrapper tokens and the
     reference's embeddings of each chunk."""
@@ -430,6 +523,11 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
     if any(s.needs_vision for s in scenarios) and not any(a.mmproj for a in artifacts):
         names = ", ".join(s.name for s in scenarios if s.needs_vision)
         raise ConvertError(f"the scenarios {names} need a projector: pass --mmproj FILE (or choose --scenarios text)")
+    phone = profile.phone if profile else None
+    if phone is not None and not any((a.runtime or profile.runtime) in PHONE_RUNTIMES for a in artifacts):
+        rts = sorted({a.runtime or profile.runtime for a in artifacts})
+        raise ConvertError(f"--phone {phone.profile.name}: these artifacts run in {', '.join(rts)}, which has no "
+                           f"aarch64 build yet (the phone profiles run {', '.join(PHONE_RUNTIMES)})")
     t0 = time.monotonic()
     h = Harness(ckpt, profile, quiet=quiet, imatrix=imatrix, env=env, max_kl=max_kl, speed=speed)
     try:
@@ -439,7 +537,7 @@ def run_validation(ckpt: Checkpoint, artifacts: list[Artifact], scenarios: list[
         anchor = None
         for a in order:
             # the anchor is an F16 GGUF in llama.cpp: no yardstick for a checkpoint run by transformers
-            if anchor is None and speed_anchor and a.label != "F16" and isinstance(a, Artifact):
+            if anchor is None and speed_anchor and a.label != "F16" and isinstance(a, Artifact) and h.profile.phone is None:
                 anchor = _anchor_artifact(h, artifacts, scenarios)
             row = h.validate_artifact(a, scenarios, anchor)
             if anchor is None and a.label == "F16":

@@ -37,7 +37,8 @@ class RuntimeProcess:
     """A runtime (registered name or "module:Class") loaded with `kwargs` in a child process.
     `deadline` is an absolute time.monotonic() after which any request fails as a timeout."""
 
-    def __init__(self, runtime: str, kwargs: dict, *, deadline: float, env: dict | None = None):
+    def __init__(self, runtime: str, kwargs: dict, *, deadline: float, env: dict | None = None, phone=None):
+        """`phone`: a runtimes.phone.build.PhoneSetup: the worker runs in aarch64 Python under qemu."""
         target = RUNTIMES.get(runtime, runtime)
         self.peak_rss_mb = 0.0
         self.deadline = deadline
@@ -47,7 +48,11 @@ class RuntimeProcess:
         penv = dict(os.environ, **(env or {}))
         penv["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), penv.get("PYTHONPATH", "")) if p)
         penv.setdefault("GGML_NO_BACKTRACE", "1")  # a native abort prints no gdb backtrace
-        self.proc = subprocess.Popen([sys.executable, "-m", "validate.worker", target, str(r_req), str(w_ans)],
+        argv = [sys.executable, "-m", "validate.worker", target, str(r_req), str(w_ans)]
+        if phone is not None:
+            penv.update(phone.env(penv["PYTHONPATH"]))
+            argv = phone.command(["python", *argv[1:]])
+        self.proc = subprocess.Popen(argv,
                                      pass_fds=(r_req, w_ans), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._stderr, env=penv, cwd=str(ROOT),
                                      # its own process group: kill() takes any children it started,

@@ -32,6 +32,8 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+from .report_phone import phone_header, phone_html, phone_text
+
 __all__ = ["summary_text", "verdict_line", "render_html", "write_html", "main"]
 
 WIDTH = 119  # every summary line is shorter than 120 characters
@@ -413,6 +415,8 @@ def summary_text(report: dict) -> str:
         facts.append(f"wall {float(report['wall_s']):.1f} s")
     if facts:
         lines += _wrap(" | ".join(facts))
+    for ln in phone_header(report):
+        lines += _wrap(ln)
 
     arts = _artifacts(report)
     budget = _budget(report)
@@ -454,6 +458,7 @@ def summary_text(report: dict) -> str:
                         srows, right={3, 4, 5, 6, 7, 8}, shrink=[0, 1])
         lines.append("  (KL: mean per-position KL vs the fp32 / fake-quant (fq) reference; top1: agreement with fp32;"
                      " greedy: same prefix)")
+    lines += phone_text(report, _table, _wrap)
 
     failures: list[str] = []
     notes: list[str] = []
@@ -801,6 +806,7 @@ def _artifact_html(report: dict, ai: int, a: dict, names: list[str]) -> str:
                                f"<th class='num'>vs F16</th></tr>{rows}</table><span class='small muted'>ratios are "
                                "artifact / F16: for tok/s above 1 is faster, for seconds below 1 is faster</span>"))
     out.append(_kv_table(pairs))
+    out.append(phone_html(report, a))
 
     checks = [c for c in _list(a.get("checks")) if isinstance(c, dict)]
     if checks:

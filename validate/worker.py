@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.phone.cpu import cpu_seen
+
 
 def _peak_rss_mb() -> float:
     """This process's peak resident set. Linux: VmHWM of the current address space; ru_maxrss
@@ -69,7 +71,8 @@ class Worker:
     def op_info(self, req):
         rt = self.rt
         return {"name": rt.name, "n_vocab": int(rt.n_vocab), "capabilities": sorted(rt.capabilities),
-                "unsupported": {k: rt.unsupported(k) for k in ("text", "image", "video") if k not in rt.capabilities}}
+                "unsupported": {k: rt.unsupported(k) for k in ("text", "image", "video") if k not in rt.capabilities},
+                "platform": {**cpu_seen(), **rt.system_info()}}  # a remote engine's guest overrides
 
     def op_tokenize(self, req):
         return {"ids": [self.rt.tokenize(t) for t in req["texts"]]}
