@@ -130,6 +130,23 @@ def test_q4_k_m_passes_on_the_android_baseline(phone, tiny_ckpt, tiny_gguf):
     assert min(sc["x86"]["image_cosine"][0] for sc in row["scenarios"] if sc["kind"] == "image") > 0.999
 
 
+def test_convert_gguf_validates_on_the_phone(phone, tiny_dir, tmp_path):
+    """`python -m convert gguf --phone PROFILE`: the export's own validation runs under the profile
+    and its report says so (console and validation.json)."""
+    import json
+
+    phone("android-armv82")
+    out = tmp_path / "q4"
+    p = subprocess.run([sys.executable, "-m", "convert", "gguf", "--model", str(tiny_dir), "--quant", "Q4_K_M",
+                        "--out", str(out), "--scenarios", "text-chat", "--phone", "android-armv82", "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((out / "validation.json").read_text())
+    assert rep["profile"]["phone"]["profile"] == "android-armv82" and rep["profile"]["n_ctx"] == 8192
+    assert rep["artifacts"][0]["platform"]["machine"] == "aarch64"
+    assert "phone profile android-armv82: aarch64 under qemu" in p.stdout and "KL x86" in p.stdout
+
+
 def test_i8mm_build_crashes_on_a_cpu_without_i8mm(phone, tiny_ckpt, tiny_gguf):
     """The apps' second library (armv8.6-a+i8mm+bf16) on a Cortex-A76 dies of SIGILL: the harness
     reports a crashed row. Proof that the i8mm path exists in that build and that the baseline
