@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,10 @@ class _Log:
 
     verbose = False
     recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=20)
+    # MiB per "<who> <kind>" (llama_context compute, llama_kv_cache KV, alloc_compute_meta compute, ...):
+    # the buffers llama.cpp and mtmd allocate, as they report them (memory estimates use them)
+    buffers: dict[str, float] = {}
+    _BUFFER = re.compile(r"^(\w+):\s+\S+\s+(compute|model|KV|RS|output) buffer size =\s*([\d.]+) MiB")
     _last_level = 0
     WARN, ERROR, CONT = 3, 4, 5  # enum ggml_log_level
 
@@ -87,6 +92,10 @@ class _Log:
         s = (text or b"").decode("utf-8", errors="replace")
         if level >= cls.WARN and s.strip():
             cls.recent.append((level, s.strip()))
+        m = cls._BUFFER.match(s.strip())
+        if m:
+            key = f"{m.group(1)} {m.group(2)}"
+            cls.buffers[key] = round(cls.buffers.get(key, 0.0) + float(m.group(3)), 2)
         if cls.verbose:
             sys.stderr.write(s)
 
@@ -175,8 +184,10 @@ class LlamaCppRuntime(Runtime):
         return super().unsupported(kind)
 
     def system_info(self) -> dict:
-        """ggml's CPU backend's own feature report (its run-time detection, e.g. DOTPROD = 1)."""
-        return {"llama_cpp": _ll.llama_print_system_info().decode("utf-8", "replace").strip()}
+        """ggml's CPU backend's own feature report (its run-time detection, e.g. DOTPROD = 1) and
+        the buffers llama.cpp and mtmd allocated (MiB, as they log them)."""
+        return {"llama_cpp": _ll.llama_print_system_info().decode("utf-8", "replace").strip(),
+                "buffers_mib": dict(_Log.buffers)}
 
     def __init__(self, decoder: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
                  n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
@@ -196,6 +207,7 @@ class LlamaCppRuntime(Runtime):
         ll = _import_llama()
         _Log.verbose = verbose
         _Log.clear()
+        _Log.buffers.clear()  # this runtime's allocations only
         self.decoder_path, self.mmproj_path = decoder, mmproj
         if n_threads is None:
             n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

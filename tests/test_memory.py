@@ -53,3 +53,17 @@ def test_real_model_shape_gives_12_kib_per_token():
     spec = ModelSpec.from_config(REAL_CONFIG)
     assert kv_bytes_per_token(spec.text) == 12 * 1024
     assert recurrent_state_bytes(spec.text) == 18 * (3 * 6144 + 16 * 128 * 128) * 4
+
+
+def test_runtime_reports_its_buffers(tiny_ckpt, tiny_gguf):
+    """The llama.cpp runtime reports the buffers llama.cpp allocated (the compute buffers a memory
+    estimate cannot derive from shapes); its float32 K/V and the state equal the estimate's parts."""
+    from runtimes.llamacpp import LlamaCppRuntime
+
+    dec, _ = tiny_gguf("Q4_K_M")
+    with LlamaCppRuntime(dec, n_ctx=2048) as rt:
+        buf = rt.system_info()["buffers_mib"]
+    t = tiny_ckpt.spec.text
+    assert buf["llama_kv_cache KV"] == pytest.approx(kv_bytes_per_token(t, 4) * 2048 / MIB, abs=0.006)
+    assert buf["llama_memory_recurrent RS"] == pytest.approx(recurrent_state_bytes(t) / MIB, abs=0.006)
+    assert buf["sched_reserve compute"] > 0 and buf["load_tensors model"] > 0
