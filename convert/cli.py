@@ -255,6 +255,16 @@ def cmd_coreml(args) -> int:
     return 0 if rep["status"] == "pass" else 3
 
 
+def cmd_recipe(args) -> int:
+    from .bundle import build_bundle
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # bad input before any work
+    ckpt = open_model(args)
+    out = Path(args.out) if args.out else Path("out") / f"{ckpt.name}-{recipe.platform}"
+    return build_bundle(recipe, ckpt, out, quiet=args.quiet, force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m convert", description="Export MiniCPM-V 4.6 to edge formats.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -344,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace a folder that holds other files")
     _validation_options(c)
     c.set_defaults(func=cmd_coreml, validation_runtime="coreml")
+
+    r = sub.add_parser("recipe", help="build, validate (on this machine and the emulated phones) and package what an "
+                       "app needs: a platform's release bundle (recipes/<platform>.toml)")
+    r.add_argument("recipe", help="android, harmonyos, ios, or a recipe .toml file")
+    r.add_argument("--model", help="checkpoint folder or a hub id in the local cache (default: the tiny synthetic model)")
+    r.add_argument("--out", help="bundle folder (default ./out/<model name>-<platform>); a re-run reuses what is valid")
+    r.add_argument("--force", action="store_true", help="replace a folder that is not a release bundle")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_recipe)
     return ap
 
 

@@ -32,6 +32,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "n_batch": (int, None, True), "n_ubatch": (int, None, True)},
 }
 REQUIRED_SECTIONS = ("gguf", "validation", "devices")
+# formats an app may run that this toolchain does not build yet: named, so a recipe asking for one
+# is told so rather than that the key is unknown
+NOT_BUILT = ("mnn", "mlc", "tflite", "litert", "qnn", "mindspore", "ncnn", "openvino")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ def load_recipe(name: str | Path) -> Recipe:
         raise ConvertError(f"{path}: not valid TOML ({e})") from None
     top = {k: v for k, v in raw.items() if not isinstance(v, (dict, list)) or k == "phones"}
     for k, v in raw.items():
+        if k in NOT_BUILT:
+            raise ConvertError(f"{path}: [{k}] artifacts are not built by this toolchain yet (it builds "
+                               f"{', '.join(s for s in SCHEMA if s and s not in ('validation', 'devices'))})")
         if k not in top and k not in SCHEMA:
             raise ConvertError(f"{path}: unknown section [{k}] (known: {', '.join(s for s in SCHEMA if s)})")
     _check_table(str(path), top, SCHEMA[""])
