@@ -98,7 +98,7 @@ def test_android_bundle_complete_and_reused(capsys, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("platform", ["ios", "harmonyos"])
+@pytest.mark.parametrize("platform", ["ios", pytest.param("harmonyos", marks=pytest.mark.slow)])  # 73 s: qemu
 def test_other_platform_bundles(platform, capsys, tmp_path):
     out = tmp_path / platform
     rc, _, err = _run(capsys, "recipe", platform, "--out", str(out), "--quiet")
@@ -191,3 +191,37 @@ def test_unknown_platform_and_foreign_out(capsys, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     rc, _, err = _run(capsys, "recipe", str(_quick_recipe(tmp_path)), "--out", str(foreign))
     assert rc == 2 and "not a release bundle" in err and (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_bundle_with_every_format(capsys, tmp_path):
+    """A recipe with ONNX (int4, .ort), the .pte and the Core ML vision encoder beside the GGUFs: every
+    part built in its own layout and validated on x86; under the phone, ONNX runs in the aarch64 ONNX
+    Runtime and the .pte, which has no aarch64 runner yet, is listed as not checked, with why."""
+    recipe = tmp_path / "all.toml"
+    recipe.write_text(_quick_recipe(tmp_path).read_text().replace('phones = []', 'phones = ["android-armv82"]')
+                      .replace('modes = ["16x"]', 'modes = ["16x"]\nimatrix = true')
+                      + '[onnx]\nenabled = true\nquant = "int4"\nort = true\n'
+                      + '[executorch]\nenabled = true\nquant = "8da4w"\n'
+                      + '[coreml]\nenabled = true\nparts = ["vision"]\n')
+    out = tmp_path / "all"
+    rc, _, err = _run(capsys, "recipe", str(recipe), "--out", str(out), "--quiet")
+    assert rc == 0, err
+    man = json.loads((out / "manifest.json").read_text())
+    parts = {a["part"] for a in man["artifacts"]}
+    assert parts == {"gguf", "onnx", "executorch", "coreml"}
+    assert any(a["role"] == "imatrix" and a["file"] == "imatrix.gguf" for a in man["artifacts"])
+    dec = next(a for a in man["artifacts"] if a["role"] == "decoder")
+    from gguf import GGUFReader
+
+    assert "quantize.imatrix.file" in GGUFReader(out / dec["file"]).fields  # quantized with it
+    for a in man["artifacts"]:
+        data = (out / a["file"]).read_bytes()
+        assert hashlib.md5(data).hexdigest() == a["md5"] and hashlib.sha256(data).hexdigest() == a["sha256"]
+    onnx = next(a for a in man["artifacts"] if a["part"] == "onnx" and a["file"].endswith(".onnx"))
+    assert "android-armv82" in onnx["validation"]
+    pte = next(a for a in man["artifacts"] if a["part"] == "executorch" and a["file"].endswith(".pte"))
+    assert "android-armv82" not in pte["validation"] and pte["validation"]
+    rep = json.loads((out / "validation.json").read_text())
+    assert any(r.get("skipped", "").startswith("executorch: no aarch64 runtime") for r in rep["runs"])
+    assert "Not checked: android-armv82: executorch" in (out / "README.md").read_text()

@@ -55,11 +55,14 @@ def run_validation_runs(recipe, ckpt, parts: list[Part], dest: Path, *, quiet: b
 
     arts = harness_artifacts(parts, dest)
     v = recipe.validation
+    imat = dest / "imatrix.gguf"  # the GGUF tensors are checked exactly against what it weighted
+    imatrix = imat if imat.is_file() else None
     runs = []
     if arts:
         print(f"validating {', '.join(a.name for _, a in arts)} on this machine (scenarios: {v['scenarios']})")
         rep = run_validation(ckpt, [a for _, a in arts], load_scenarios(v["scenarios"]), profile=Profile(),
-                             scenario_set=v["scenarios"], quiet=quiet, speed_anchor=False, max_kl=v.get("max_kl"))
+                             scenario_set=v["scenarios"], quiet=quiet, speed_anchor=False, max_kl=v.get("max_kl"),
+                             imatrix=imatrix)
         print(summary_text(rep))
         runs.append({"where": HOST, "target": "host", "report": rep, "parts": [p.kind for p, _ in arts]})
     for p in parts:
@@ -89,7 +92,7 @@ def run_validation_runs(recipe, ckpt, parts: list[Part], dest: Path, *, quiet: b
               f"(scenarios: {v['phone_scenarios']}; emulated ISA and numerics, not phone speed)")
         rep = run_validation(ckpt, [a for _, a in on_phone], load_scenarios(v["phone_scenarios"]),
                              profile=Profile.for_phone(setup), scenario_set=v["phone_scenarios"], quiet=quiet,
-                             speed_anchor=False, max_kl=v.get("max_kl"))
+                             speed_anchor=False, max_kl=v.get("max_kl"), imatrix=imatrix)
         print(summary_text(rep))
         runs.append({"where": name, "target": "phone", "report": rep, "parts": [p.kind for p, _ in on_phone]})
     return runs

@@ -118,7 +118,7 @@ def export(part: Part, ckpt: Checkpoint, dest: Path, *, quiet: bool) -> None:
             imatrix = _imatrix(ckpt, dest / IMATRIX_FILE, quiet=quiet)
         work = dest / ".gguf-build"
         paths = export_gguf(ckpt, work, quant=o["decoder"], mmproj_quant=o["projector"], mode=o["mode"],
-                            quiet=quiet, imatrix=imatrix)
+                            quiet=quiet, imatrix=imatrix, imatrix_name=IMATRIX_FILE)
         for p in paths:
             os.replace(p, dest / p.name)
         shutil.rmtree(work)

@@ -152,7 +152,7 @@ def source_info(ckpt: Checkpoint) -> dict:
             "tensor_index_sha256": h.hexdigest(), "model_type": ckpt.config.get("model_type")}
 
 
-def load_imatrix(path: str | Path, plans: list[TensorPlan]):
+def load_imatrix(path: str | Path, plans: list[TensorPlan], name: str | None = None):
     """The importance vectors for the decoder's tensors (llama-quantize's normalisation), and the
     `quantize.imatrix.*` keys llama-quantize records."""
     from quantize.imatrix import importance, read_imatrix
@@ -167,7 +167,7 @@ def load_imatrix(path: str | Path, plans: list[TensorPlan]):
             vecs[p.name] = v
     if not vecs:
         raise ConvertError(f"{path}: no entry matches a tensor of this model (an imatrix of another model?)")
-    keys = {"quantize.imatrix.file": str(path)[:127], "quantize.imatrix.entries_count": len(data.entries)}
+    keys = {"quantize.imatrix.file": (name or str(path))[:127], "quantize.imatrix.entries_count": len(data.entries)}
     if data.datasets:
         keys["quantize.imatrix.dataset"] = data.datasets[0]
     if data.chunk_count > 0:
@@ -179,7 +179,7 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
                 allow_nonfinite: bool = False, quiet: bool = False, name: str | None = None,
                 mmproj_quant: str | None = None, overrides: Overrides | None = None,
                 imatrix: str | Path | None = None, quantizer: str | None = None, threads: int | None = None,
-                profile=None) -> list[Path]:
+                profile=None, imatrix_name: str | None = None) -> list[Path]:
     """quantizer: "kquants" (this project's port), "ggml" (llama.cpp's C, from llama-cpp-python) or None/"auto"; the bytes are
     the same either way, the manifest records which ran. threads: quantizing threads (default: every
     core for ggml, one for numpy; $MINICPMV_QUANT_THREADS)."""
@@ -192,7 +192,8 @@ def export_gguf(ckpt: Checkpoint, out_dir: Path, *, quant: str = "f16", mode: st
         raise ConvertError(f"--imatrix needs a quantized --quant mixture (e.g. Q4_K_M), not {quant}")
     outputs = plan_outputs(ckpt, out_dir, quant, mode, mmproj_quant=mmproj_quant, overrides=overrides,
                            has_imatrix=imatrix is not None)
-    imat, imat_keys = load_imatrix(imatrix, outputs[0].plans) if imatrix is not None else ({}, {})
+    # imatrix_name: the file name recorded (llama-quantize records the path it was given)
+    imat, imat_keys = load_imatrix(imatrix, outputs[0].plans, imatrix_name) if imatrix is not None else ({}, {})
     check_out_dir(out_dir, outputs, force)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
