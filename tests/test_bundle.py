@@ -225,3 +225,16 @@ def test_bundle_with_every_format(capsys, tmp_path):
     rep = json.loads((out / "validation.json").read_text())
     assert any(r.get("skipped", "").startswith("executorch: no aarch64 runtime") for r in rep["runs"])
     assert "Not checked: android-armv82: executorch" in (out / "README.md").read_text()
+
+
+def test_model_card_takes_license_and_base_model_from_the_source(tmp_path):
+    """The source's own card names the license; a checkpoint in the Hugging Face cache names its hub id."""
+    from convert.bundle.docs import hub_id, source_card
+
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# card\n")
+    assert source_card(tmp_path)["license"] == "apache-2.0"
+    (tmp_path / "README.md").write_text("# no front matter\n")
+    assert source_card(tmp_path) == {}
+    snap = tmp_path / "hub" / "models--openbmb--MiniCPM-V-4.6" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert hub_id(snap) == "openbmb/MiniCPM-V-4.6" and hub_id(tmp_path) is None
