@@ -3,7 +3,8 @@
     python bench/phone_bench.py [--model DIR | --presets tiny,tiny-alt --seeds 1,2] [--profiles a,b]
                                 [--types F16,Q8_0,Q4_K_M] [--scenarios quick] [--json FILE]
 
-For each GGUF type (exported here, 16x; `onnx-fp32`, `onnx-int4`, ... for ONNX folders) and each phone profile: `python -m validate --phone PROFILE`
+For each GGUF type (exported here, 16x; `onnx-fp32`, `onnx-int4`, ... for ONNX folders; `pte-8da4w`,
+`pte-fp32` for ExecuTorch programs) and each phone profile: `python -m validate --phone PROFILE`
 through the harness in this process (the verdict against the references, and the same file's
 logits on aarch64 under qemu against x86 with the same settings), its wall time, and as the
 anchor, the same validation on x86 alone measured in this run (the ratio says what emulation costs;
@@ -89,6 +90,13 @@ def measure(label: str, ckpt, work: Path, types: list[str], setups: dict, scen, 
 
             export_onnx(ckpt, folder, quant=quant[5:], mode="16x", quiet=True)
             arts = [read_onnx(folder)]
+        elif quant.startswith("pte-"):  # an ExecuTorch program (tests' sizes: 1024 positions, 512 per call)
+            from convert.executorch.export import export_executorch
+            from validate.executorch_artifact import read_executorch
+
+            export_executorch(ckpt, folder, quant=quant[4:], mode="16x", max_context=1024, max_seq_len=512,
+                              quiet=True)
+            arts = [read_executorch(folder)]
         else:
             export_gguf(ckpt, folder, quant=quant, mode="16x", quiet=True)
             arts = discover(folder)

@@ -88,6 +88,30 @@ def onnx_dirs(tmp_path_factory, tiny_dir):
     return get
 
 
+ET_CONTEXT, ET_SEQ = 1024, 512  # the tiny .pte's K/V positions and tokens per call
+
+
+@pytest.fixture(scope="session")
+def et_dirs(tmp_path_factory, tiny_dir):
+    """quant -> an ExecuTorch folder of the tiny model, exported on demand (lowering takes minutes)."""
+    from convert import Checkpoint
+    from convert.executorch.export import export_executorch
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("executorch")
+
+    def get(quant: str = "8da4w", mode: str = "16x", ckpt_dir: Path | None = None) -> Path:
+        key = (quant, mode, ckpt_dir)
+        if key not in cache:
+            out = root / f"{quant}-{mode}-{len(cache)}"
+            export_executorch(Checkpoint(ckpt_dir or tiny_dir), out, quant=quant, mode=mode, max_context=ET_CONTEXT,
+                              max_seq_len=ET_SEQ, quiet=True)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -196,8 +196,8 @@ def test_unknown_platform_and_foreign_out(capsys, tmp_path):
 @pytest.mark.slow
 def test_bundle_with_every_format(capsys, tmp_path):
     """A recipe with ONNX (int4, .ort), the .pte and the Core ML vision encoder beside the GGUFs: every
-    part built in its own layout and validated on x86; under the phone, ONNX runs in the aarch64 ONNX
-    Runtime and the .pte, which has no aarch64 runner yet, is listed as not checked, with why."""
+    part built in its own layout and validated on x86; under the phone, ONNX and the .pte run in their
+    aarch64 runtimes and Core ML, which has none there, is listed as not checked, with why."""
     recipe = tmp_path / "all.toml"
     recipe.write_text(_quick_recipe(tmp_path).read_text().replace('phones = []', 'phones = ["android-armv82"]')
                       .replace('modes = ["16x"]', 'modes = ["16x"]\nimatrix = true')
@@ -221,10 +221,12 @@ def test_bundle_with_every_format(capsys, tmp_path):
     onnx = next(a for a in man["artifacts"] if a["part"] == "onnx" and a["file"].endswith(".onnx"))
     assert "android-armv82" in onnx["validation"]
     pte = next(a for a in man["artifacts"] if a["part"] == "executorch" and a["file"].endswith(".pte"))
-    assert "android-armv82" not in pte["validation"] and pte["validation"]
+    assert pte["validation"]["android-armv82"] == "pass"
+    cm = next(a for a in man["artifacts"] if a["part"] == "coreml")
+    assert "android-armv82" not in cm["validation"] and cm["validation"]
     rep = json.loads((out / "validation.json").read_text())
-    assert any(r.get("skipped", "").startswith("executorch: no aarch64 runtime") for r in rep["runs"])
-    assert "Not checked: android-armv82: executorch" in (out / "README.md").read_text()
+    assert any(r.get("skipped", "").startswith("coreml: no aarch64 runtime") for r in rep["runs"])
+    assert "Not checked: android-armv82: coreml" in (out / "README.md").read_text()
 
 
 def test_model_card_takes_license_and_base_model_from_the_source(tmp_path):

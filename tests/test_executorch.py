@@ -17,26 +17,6 @@ from convert import Checkpoint  # noqa: E402
 CONTEXT, SEQ = 1024, 512
 
 
-@pytest.fixture(scope="session")
-def et_dirs(tmp_path_factory, tiny_dir):
-    """quant -> an ExecuTorch folder of the tiny model, exported on demand (lowering takes minutes)."""
-    from convert.executorch.export import export_executorch
-
-    cache: dict = {}
-    root = tmp_path_factory.mktemp("executorch")
-
-    def get(quant: str = "8da4w", mode: str = "16x", ckpt_dir: Path | None = None) -> Path:
-        key = (quant, mode, ckpt_dir)
-        if key not in cache:
-            out = root / f"{quant}-{mode}-{len(cache)}"
-            export_executorch(Checkpoint(ckpt_dir or tiny_dir), out, quant=quant, mode=mode, max_context=CONTEXT,
-                              max_seq_len=SEQ, quiet=True)
-            cache[key] = out
-        return cache[key]
-
-    return get
-
-
 def _decoders(ckpt_dir, custom_ops: bool):
     from convert.executorch.decoder import CachedTextDecoder
     from convert.modules import TextDecoder

@@ -73,10 +73,10 @@ class Profile:
 
 
 EMULATION_SLOWDOWN = 20  # deadline factor under qemu; measured ~10-15x on the tiny model
-PHONE_RUNTIMES = ("llama.cpp", "onnxruntime")  # runtimes with an aarch64 build (runtimes/phone/build.py)
+PHONE_RUNTIMES = ("llama.cpp", "onnxruntime", "executorch")  # runtimes with an aarch64 build (runtimes/phone/build.py)
 # of those, the ones whose exported-graph engine runs in the guest behind the app-side pipeline
 # on this machine (runtimes/phone/remote.py); the others run whole in the guest
-PHONE_ENGINES = ("onnxruntime",)
+PHONE_ENGINES = ("onnxruntime", "executorch")
 
 
 def tolerances() -> dict:

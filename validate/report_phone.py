@@ -33,6 +33,8 @@ def platform_line(a: dict) -> str | None:
         s += f", HWCAP {' '.join(p['hwcaps'])}"
     if p.get("llama_cpp"):
         s += f"; llama.cpp: {p['llama_cpp']}"
+    if p.get("executorch"):
+        s += f"; {p['executorch']}"
     return s
 
 

@@ -1,7 +1,7 @@
 """The bundle's checks: every artifact through the validation harness on this machine and under each
 of the recipe's phone profiles, and the memory estimate per device class against its budget.
 
-Where a format has no runtime on a target yet (the `.pte` under the emulated phone, the GPU of an
+Where a format has no runtime on a target (Core ML under the emulated Android CPU, the GPU of an
 iPhone), the run says so and skips it: the bundle's report lists what was not checked, and why."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run_validation_runs(recipe, ckpt, parts: list[Part], dest: Path, *, quiet: b
         from runtimes.phone.profiles import get_profile
 
         on_phone = [(p, a) for p, a in arts if (a.runtime or "llama.cpp") in PHONE_RUNTIMES]
-        off = [p.kind for p, a in arts if (p, a) not in on_phone]
+        off = [p.kind for p in parts if p.kind not in {q.kind for q, _ in on_phone}]  # Core ML: an Apple format
         if off:
             runs.append({"where": name, "target": "phone", "parts": off,
                          "skipped": f"{', '.join(off)}: no aarch64 runtime for this format yet (the phone profiles "

@@ -8,6 +8,9 @@
     <cache>/phone/llama-<fp>/lib  llama.cpp (libllama, libggml*, libmtmd) cross-compiled from the
                                   same llama-cpp-python source package the x86 runtime is built
                                   from, with the profile's CMake flags
+    <cache>/phone/et-<fp>/lib     ExecuTorch's C++ runtime libraries from its aarch64 wheel (kernels,
+                                  XNNPACK) and this project's runner library over them
+                                  (runtimes/phone/et/), when the host has executorch
     <cache>/phone/root-<fp>/      the guest's file system for one qemu CPU: the sysroot's folders
                                   linked in, plus a /proc/cpuinfo that matches that CPU (qemu's -L
                                   prefix is looked up first for every path the guest opens, so the
@@ -29,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +283,56 @@ def llama_cpp(steps: _Steps, src: Path, profile: PhoneProfile) -> Path:
                   f"once per flags, about 3 minutes on 2 cores")
 
 
+# -- ExecuTorch's runtime for aarch64 and this project's runner over it ------------------------------------
+
+ET_LIBS = ("libexecutorch.so", "libexecutorch_threadpool.so", "libexecutorch_kernels_optimized.so",
+           "libexecutorch_kernels_quantized.so", "libexecutorch_backend_xnnpack.so")
+
+
+def et_runner(steps: _Steps) -> Path | None:
+    """The `.pte` runtime of the guest: the aarch64 wheel's C++ libraries (no Python part: it needs
+    libtorch) and runtimes/phone/et/ compiled against its headers. One build serves every profile:
+    XNNPACK and the kernels pick their code paths at run time. None when the host has no executorch."""
+    from .et.build_lib import LIB_NAME, SOURCES, build_lib
+
+    try:
+        version = im.version("executorch")
+    except im.PackageNotFoundError:
+        return None
+    cxx = "aarch64-linux-gnu-g++"
+    fingerprint = {"executorch": version, "compiler": _version_line([cxx, "--version"]), "march": "armv8-a",
+                   "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in SOURCES}}
+    root = cache_root()
+
+    def build(tmp: Path) -> None:
+        log = root / "logs" / "executorch.log"
+        dl = tmp / "download"
+        steps.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dl),
+                   "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "--implementation", "cp",
+                   "--abi", "cp311", f"executorch=={version}"], f"download ExecuTorch {version}'s aarch64 wheel", log)
+        sdk, lib = tmp / "sdk", tmp / "lib"
+        lib.mkdir()
+        with zipfile.ZipFile(next(dl.glob("*.whl"))) as z:
+            for name in z.namelist():
+                if name.startswith("executorch/include/") or name in {f"executorch/lib/{n}" for n in ET_LIBS}:
+                    z.extract(name, sdk)
+        for n in ET_LIBS:
+            shutil.move(str(sdk / "executorch" / "lib" / n), lib / n)
+        steps.say("compiling the ExecuTorch runner for aarch64")
+        try:  # baseline armv8-a: no profile can die of an illegal instruction in our code
+            build_lib(lib, cxx=cxx, include_dir=sdk / "executorch" / "include", lib_dir=lib, version=version,
+                      extra=("-march=armv8-a",), rpath="$ORIGIN")
+        except RuntimeError as e:
+            raise ConvertError(f"the ExecuTorch runner did not compile for aarch64: {e}") from None
+        shutil.rmtree(dl)
+        shutil.rmtree(sdk)
+        if not (lib / LIB_NAME).is_file():
+            raise ConvertError(f"the ExecuTorch runner build made no {LIB_NAME}")
+
+    return _built(root / f"et-{_fp(fingerprint)}", fingerprint, build, steps,
+                  f"setting up ExecuTorch {version}'s aarch64 runtime and the project's runner (once)") / "lib"
+
+
 # -- the guest's root for one CPU: the sysroot plus a matching /proc/cpuinfo -----------------------------
 
 
@@ -340,6 +394,7 @@ class PhoneSetup:
     llama_lib: Path
     features: tuple[str, ...]  # what the emulated CPU reports
     build: dict  # the llama.cpp build's fingerprint (flags, compiler, source)
+    et_lib: Path | None = None  # ExecuTorch's aarch64 libraries and the runner (None: no executorch here)
 
     def command(self, argv: list[str]) -> list[str]:
         """argv (an aarch64 Python command line, argv[0] = 'python') run in this profile's guest."""
@@ -348,13 +403,19 @@ class PhoneSetup:
                 str(self.root / "usr" / "bin" / "python3.11"), *argv[1:]]
 
     def env(self, pythonpath: str) -> dict[str, str]:
-        return {"PYTHONPATH": os.pathsep.join([pythonpath, str(self.site)]), "LLAMA_CPP_LIB_PATH": str(self.llama_lib), "MTMD_CPP_LIB": str(self.llama_lib),
-                "LD_LIBRARY_PATH": str(self.llama_lib)}
+        env = {"PYTHONPATH": os.pathsep.join([pythonpath, str(self.site)]), "LLAMA_CPP_LIB_PATH": str(self.llama_lib),
+               "MTMD_CPP_LIB": str(self.llama_lib), "LD_LIBRARY_PATH": str(self.llama_lib)}
+        if self.et_lib is not None:
+            from .et.build_lib import LIB_NAME
+
+            env["MINICPMV_ET_LIB"] = str(self.et_lib / LIB_NAME)
+        return env
 
     def describe(self) -> dict:
         return {"profile": self.profile.name, "qemu_cpu": self.profile.qemu_cpu, "cpu_features": list(self.features),
                 "llama_cpp_flags": self.build.get("flags", {}), "compiler": self.build.get("compiler"),
-                "emulator": _version_line([self.qemu, "--version"])}
+                "emulator": _version_line([self.qemu, "--version"]),
+                "executorch_runner": "aarch64 wheel's runtime + project runner (armv8-a)" if self.et_lib else None}
 
 
 def ensure(profile: PhoneProfile, *, quiet: bool = False) -> PhoneSetup:
@@ -365,6 +426,7 @@ def ensure(profile: PhoneProfile, *, quiet: bool = False) -> PhoneSetup:
     src = llama_cpp_source(steps)
     st = site(steps, src)
     lib = llama_cpp(steps, src, profile)
+    et = et_runner(steps)
     root, feats = guest_root(steps, tools["qemu-aarch64-static"], sr, profile)
     return PhoneSetup(profile=profile, qemu=tools["qemu-aarch64-static"], root=root, site=st, llama_lib=lib / "lib",
-                      features=tuple(feats), build=json.loads((lib / "fingerprint.json").read_text()))
+                      features=tuple(feats), build=json.loads((lib / "fingerprint.json").read_text()), et_lib=et)

@@ -15,6 +15,9 @@ import sys
 import numpy as np
 
 
+ENGINE_ATTRS = ("max_seq_len", "max_context")
+
+
 def main(target: str) -> int:
     out = sys.stdout
     sys.stdout = sys.stderr  # a library's print() must not break the protocol
@@ -33,7 +36,9 @@ def main(target: str) -> int:
         send({"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
         return 0
     send({"ok": True, "modes": list(engine.modes), "full_logits": engine.full_logits,
-          "platform": {**cpu_seen(), **engine.system_info()}})
+          "platform": {**cpu_seen(), **engine.system_info()},
+          # what a runtime reads off its engine (an ExecuTorch program's call and context sizes)
+          "attrs": {k: getattr(engine, k) for k in ENGINE_ATTRS if hasattr(engine, k)}})
     n = 0
     for line in sys.stdin:
         req = json.loads(line)

@@ -45,6 +45,8 @@ class RemoteEngine(Engine):
         self.modes = tuple(ans["modes"])
         self.full_logits = bool(ans["full_logits"])
         self.platform = ans["platform"]
+        for k, v in ans.get("attrs", {}).items():
+            setattr(self, k, v)
 
     def _file(self, arr: np.ndarray) -> str:
         self._n += 1

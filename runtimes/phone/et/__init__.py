@@ -1,0 +1,1 @@
+"""The ExecuTorch runner for the phone profiles: C++ sources and their build."""
