@@ -1,8 +1,8 @@
 // The three `llama::` kernels a `.pte` of this project calls besides the wheel's own kernels:
 // custom_sdpa.out, update_cache.out, gated_delta_rule.out. ExecuTorch ships them only in a
 // torch-bound library (libcustom_ops_aot_lib.so), so the phone runner carries this project's own
-// fp32 implementation, written from the ops' schemas and semantics (runtimes/phone/et: see
-// /work/scratch/et-plan.md section 3).
+// fp32 implementation, written from the ops' schemas and semantics (layout [B, S, H, D]; grouped
+// K/V heads; a causal mask from start_pos; the delta rule's exact per-token recurrence).
 //
 // They are hand-written boxed kernels (`void fn(ctx, Span<EValue*> stack)`): gated_delta_rule has
 // two out tensors, which the unboxing macro cannot express, and one style for all three keeps the
